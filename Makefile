@@ -1,0 +1,34 @@
+# Two commands: `make demo` and `make test`. Each installs what is missing first (tools/bootstrap.sh),
+# into $(HIST_VENV) (default .venv); a second call finds everything in place and starts in seconds.
+SHELL := /bin/bash
+HIST_VENV ?= $(CURDIR)/.venv
+export HIST_VENV
+VENV := $(HIST_VENV)
+BIN := $(VENV)/bin
+# Open MPI refuses root without these (CI runs as root); horovodrun adds --allow-run-as-root itself.
+export OMPI_ALLOW_RUN_AS_ROOT := 1
+export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
+# The real CIFAR-10 sample the tests read, when this checkout sits beside shared/.
+SAMPLE := $(abspath $(CURDIR)/../shared/data/cifar10-sample)
+export HIST_TEST_DATA ?= $(if $(wildcard $(SAMPLE)/cifar-10-batches-py),$(SAMPLE))
+PYTEST_ARGS ?=
+DEMO_DIR ?= runs/demo
+DEMO_ARGS ?= --width 0.125 --arch preact_resnet18 --epochs 2 --batch-size 64 --local-iters 8 \
+	--synthetic-size 2048 --eval-every 4 --threads 1
+
+.PHONY: setup demo test clean
+setup:
+	@bash tools/bootstrap.sh
+
+demo: setup
+	mkdir -p $(DEMO_DIR)
+	$(BIN)/hist-train synthetic --method ist $(DEMO_ARGS) --out $(DEMO_DIR)/single-np1.h5
+	PATH=$(BIN):$$PATH $(BIN)/horovodrun -np 2 $(BIN)/hist-train synthetic --method ist $(DEMO_ARGS) --out $(DEMO_DIR)/ist-np2.h5
+	PATH=$(BIN):$$PATH $(BIN)/horovodrun -np 2 $(BIN)/hist-train synthetic --method dp $(DEMO_ARGS) --out $(DEMO_DIR)/dp-np2.h5
+	$(BIN)/hist-report $(DEMO_DIR) -o $(DEMO_DIR)/report
+
+test: setup
+	PATH=$(BIN):$$PATH $(BIN)/python -m pytest tests -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,183 @@
+"""Command lines: hist-train, hist-report, hist-bench.
+
+Every command turns a HistError into one line on stderr and a non-zero exit; `--debug`
+shows the traceback. An unexpected failure on one rank of a multi-rank job aborts the whole
+MPI job (with the rank and host named) so that no other rank waits for it forever.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import traceback
+import warnings
+from pathlib import Path
+
+import click
+
+from .config import AGGREGATES, METHODS, SCHEDULES, Config
+from .errors import HistError
+from .world import world_info_from_env
+
+
+def _fail(prog: str, message: str, code: int = 2) -> None:
+    world = world_info_from_env()
+    where = f" [{world.where()}]" if world.size > 1 else ""
+    click.echo(f"{prog}: error{where}: {message}", err=True)
+    sys.exit(code)
+
+
+def user_errors(prog: str):
+    """Decorator: HistError -> one line and exit 2; anything else -> one line, MPI abort, exit 1."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def inner(*args, debug=False, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except HistError as e:
+                if debug:
+                    traceback.print_exc()
+                _fail(prog, str(e), 2)
+            except KeyboardInterrupt:
+                _fail(prog, "interrupted", 130)
+            except Exception as e:  # a bug or a failing library: name it, never hang the others
+                if debug:
+                    traceback.print_exc()
+                world = world_info_from_env()
+                click.echo(f"{prog}: error [{world.where()}]: {type(e).__name__}: {e} "
+                           f"(run with --debug for the traceback)", err=True)
+                if world.size > 1 and "mpi4py.MPI" in sys.modules:
+                    sys.stderr.flush()
+                    sys.modules["mpi4py.MPI"].COMM_WORLD.Abort(1)
+                sys.exit(1)
+        return click.option("--debug", is_flag=True, help="Show tracebacks.")(inner)
+    return wrap
+
+
+# ---------------------------------------------------------------- hist-train
+
+def resolve_device(choice: str, local_rank: int):
+    import torch
+    if choice == "cpu":
+        return torch.device("cpu")
+    usable = torch.cuda.is_available() and torch.cuda.device_count() > 0
+    if usable:
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    if choice == "cuda":
+        raise HistError("--device cuda but no usable CUDA device; use --device cpu or auto")
+    if os.environ.get("CUDA_VISIBLE_DEVICES"):
+        warnings.warn(f"CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']} but CUDA is not "
+                      f"usable here; training on the CPU")
+    return torch.device("cpu")
+
+
+def default_out(cfg: Config, world_size: int) -> Path:
+    job = os.environ.get("SLURM_JOB_ID")
+    method = cfg.method if world_size > 1 else "single"
+    return Path("runs") / f"{method}-{cfg.dataset}-np{world_size}{'-' + job if job else ''}.h5"
+
+
+def check_writable(path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise HistError(f"cannot create the folder of --out {path}: {e.strerror}; choose a writable place")
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise HistError(f"cannot write --out {path}: permission denied; choose a writable place")
+
+
+def versions(sync, device) -> dict:
+    import h5py
+    import numpy
+    import torch
+    import horovod
+    from . import __version__
+    info = {"hist": __version__, "torch": torch.__version__, "horovod": horovod.__version__,
+            "mpi": sync.MPI.Get_library_version().splitlines()[0].strip(), "numpy": numpy.__version__,
+            "h5py": h5py.__version__, "hdf5": h5py.version.hdf5_version, "python": sys.version.split()[0],
+            "cuda": torch.version.cuda or "none", "device": str(device)}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+@click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
+@click.argument("dataset")
+@click.option("--data-dir", type=click.Path(path_type=str), help="Folder of the official files [default: $HIST_DATA or ~/.cache/hist/data].")
+@click.option("--synthetic-size", default=Config.synthetic_size, help="Training images of the synthetic dataset.")
+@click.option("--arch", default=Config.arch, help="preact_resnet18|34|101|152.")
+@click.option("--width", default=Config.width, help="Channel multiplier (small for CPU runs).")
+@click.option("--method", default=Config.method, type=click.Choice(METHODS))
+@click.option("--subnets", default=Config.subnets, help="IST subnetworks (0 = one per process).")
+@click.option("--min-depth", default=Config.min_depth, help="Least partitioned blocks per subnetwork.")
+@click.option("--aggregate", default=Config.aggregate, type=click.Choice(AGGREGATES))
+@click.option("--local-iters", default=Config.local_iters, help="Local steps per round.")
+@click.option("--epochs", default=Config.epochs, help="Passes over the training set (all ranks together).")
+@click.option("--batch-size", default=Config.batch_size, help="Batch per process.")
+@click.option("--lr", default=Config.lr, help="Peak learning rate.")
+@click.option("--momentum", default=Config.momentum)
+@click.option("--weight-decay", default=Config.weight_decay)
+@click.option("--schedule", default=Config.schedule, type=click.Choice(SCHEDULES))
+@click.option("--warmup-epochs", default=Config.warmup_epochs)
+@click.option("--bn-batches", default=Config.bn_batches, help="Batches that recalibrate BatchNorm before evaluation.")
+@click.option("--eval-every", default=Config.eval_every, help="Rounds between evaluations (0 = at the end).")
+@click.option("--eval-batch-size", default=Config.eval_batch_size)
+@click.option("--checkpoint-every", default=Config.checkpoint_every, help="Rounds between checkpoints (0 = on signal and at the end).")
+@click.option("--checkpoint", type=click.Path(path_type=str), help="Checkpoint path [default: beside --out].")
+@click.option("--resume", is_flag=True, help="Continue from the checkpoint if there is one.")
+@click.option("--seed", default=Config.seed)
+@click.option("--device", default=Config.device, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--threads", default=Config.threads, help="Torch threads per process (0 = default).")
+@click.option("--out", type=click.Path(path_type=str), help="Timing file [default: runs/<method>-<dataset>-np<N>.h5].")
+@user_errors("hist-train")
+def train(dataset, **options):
+    """Train a pre-activation ResNet on DATASET (cifar10, cifar100, svhn, synthetic)."""
+    from .launch import run_training
+    cfg = Config(dataset=dataset, **options)
+    result = run_training(cfg)
+    if result.stopped_early:
+        sys.exit(3)
+
+
+# ---------------------------------------------------------------- hist-report
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Folder for the figures [default: beside the first input].")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+@click.option("--target-accuracy", type=float, help="Accuracy (%) for time-to-accuracy [default: 90% of the best final accuracy].")
+@click.option("--merge", type=click.Path(path_type=Path), help="Also copy all runs into this one HDF5 file.")
+@click.option("--no-figures", is_flag=True, help="Print the table only.")
+@user_errors("hist-report")
+def report(paths, output, fmt, target_accuracy, merge, no_figures):
+    """Speedup, time-to-accuracy and communication from timing files or folders of them."""
+    from . import report as rep
+    runs = rep.load_runs(paths)
+    rows, notes = rep.summarise(runs, target_accuracy)
+    if fmt == "json":
+        click.echo(json.dumps(rows, indent=2))
+    else:
+        click.echo(rep.format_table(rows, notes))
+    if merge:
+        rep.merge(runs, merge)
+    if not no_figures:
+        out = output or (paths[0] if paths[0].is_dir() else paths[0].parent) / "report"
+        for path in rep.draw_figures(runs, rows, out):
+            click.echo(f"wrote {path}", err=True)
+
+
+# ---------------------------------------------------------------- hist-bench
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--quick", is_flag=True, help="Tiny sizes: a smoke test of the benchmark itself.")
+@click.option("--width", default=0.25, help="Channel multiplier of the ResNet-101 used for timing.")
+@click.option("--batch-size", default=64)
+@click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))
+@user_errors("hist-bench")
+def bench(as_json, quick, width, batch_size, device):
+    """Measure step-time ratios, bytes per round, sync share and pipeline throughput."""
+    from . import bench as b
+    results = b.run(quick=quick, width=width, batch_size=batch_size, device=resolve_device(device, 0))
+    click.echo(json.dumps(results, indent=2) if as_json else b.format_table(results))

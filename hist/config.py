@@ -1,0 +1,69 @@
+"""The run configuration: every key with its meaning. Written into every timing file."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from .errors import HistError
+
+METHODS = ("ist", "local-sgd", "dp")
+AGGREGATES = ("copy", "average")
+SCHEDULES = ("step", "cosine")
+
+
+@dataclass
+class Config:
+    dataset: str = "synthetic"      # cifar10 | cifar100 | svhn | synthetic
+    data_dir: str | None = None     # folder with the official files (default: $HIST_DATA or ~/.cache/hist/data)
+    synthetic_size: int = 4096      # training images of the synthetic dataset (test: a quarter, at least 256)
+    arch: str = "preact_resnet101"  # preact_resnet18 | 34 | 101 | 152
+    width: float = 1.0              # channel multiplier (1.0 = 64/128/256/512); small values for CPU runs
+    method: str = "ist"             # ist | local-sgd | dp (one process: the full model, whatever the method)
+    subnets: int = 0                # IST subnetworks S; 0 = one per process; processes must be a multiple of S
+    min_depth: int = 0              # least partitioned blocks per subnetwork (extra blocks are shared and averaged)
+    aggregate: str = "copy"         # copy (the owner's values) | average (mean over subnetworks that trained it)
+    local_iters: int = 50           # local steps between aggregations (one round); logging granularity for dp
+    epochs: float = 1.0             # passes over the training set, all ranks together
+    batch_size: int = 128           # per process
+    lr: float = 0.1                 # peak learning rate
+    momentum: float = 0.9           # SGD momentum
+    weight_decay: float = 5e-4      # L2 on all parameters
+    schedule: str = "step"          # step (/10 at 50% and 75%) | cosine
+    warmup_epochs: float = 0.0      # linear warm-up from lr/10 over this many epochs
+    bn_batches: int = 8             # training batches that recalibrate BatchNorm statistics before evaluation
+    eval_every: int = 0             # rounds between evaluations (0 = only at the end)
+    eval_batch_size: int = 256      # evaluation batch
+    checkpoint_every: int = 0       # rounds between checkpoints (0 = only on a signal)
+    checkpoint: str | None = None   # checkpoint path (default: the --out file with .ckpt.pt)
+    resume: bool = False            # continue from the checkpoint if it exists
+    seed: int = 0                   # seeds the model, the plans, the data order and augmentation
+    device: str = "auto"            # auto (the local rank's GPU if CUDA works, else CPU) | cpu | cuda
+    threads: int = 0                # torch intra-op threads per process (0 = torch's default)
+    out: str | None = None          # timing file (default: runs/<method>-<dataset>-np<N>[-<jobid>].h5)
+    plan_check_every: int = 10      # rounds between cross-rank checks of the plan digest
+
+    def validate(self) -> None:
+        """Numbers that cannot work give one clear error before any process starts computing."""
+        checks = [
+            (self.method in METHODS, f"--method {self.method!r}: choose one of {', '.join(METHODS)}"),
+            (self.aggregate in AGGREGATES, f"--aggregate {self.aggregate!r}: choose copy or average"),
+            (self.schedule in SCHEDULES, f"--schedule {self.schedule!r}: choose step or cosine"),
+            (self.lr > 0, f"--lr {self.lr} must be positive"),
+            (self.batch_size > 0, f"--batch-size {self.batch_size} must be at least 1"),
+            (self.local_iters > 0, f"--local-iters {self.local_iters} must be at least 1"),
+            (self.epochs > 0, f"--epochs {self.epochs} must be positive"),
+            (self.width > 0, f"--width {self.width} must be positive"),
+            (self.subnets >= 0, f"--subnets {self.subnets} must be at least 1 (0 = one per process)"),
+            (self.min_depth >= 0, f"--min-depth {self.min_depth} must not be negative"),
+            (self.momentum >= 0 and self.weight_decay >= 0, "--momentum and --weight-decay must not be negative"),
+            (self.eval_every >= 0 and self.checkpoint_every >= 0, "--eval-every and --checkpoint-every must not be negative"),
+            (self.synthetic_size > 0 and self.eval_batch_size > 0 and self.bn_batches >= 0,
+             "--synthetic-size, --eval-batch-size must be positive and --bn-batches not negative"),
+            (self.device in ("auto", "cpu", "cuda"), f"--device {self.device!r}: choose auto, cpu or cuda"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise HistError(message)
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)

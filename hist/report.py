@@ -1,0 +1,229 @@
+"""hist-report: speedup, time to accuracy, round breakdown and communication from timing files.
+
+Runs are grouped by (dataset, arch, width, method, world size); each group becomes one table
+row and one point on the figures. The baseline is the one-process run of the same dataset,
+arch and width; without one, speedups are relative to the smallest world size present and
+the table says so.
+"""
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from .errors import HistError
+from .timings import SCHEMA, Run, read_run
+
+COLUMNS = ("dataset", "arch", "method", "world_size", "runs", "epochs", "seconds_per_epoch",
+           "speedup", "time_to_target_s", "speedup_to_target", "final_accuracy",
+           "compute_s_per_round", "data_s_per_round", "sync_s_per_round", "bytes_per_round", "baseline")
+
+
+def load_runs(paths) -> list[Run]:
+    files = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(p.glob("**/*.h5"))
+            if not found:
+                raise HistError(f"folder {p} holds no .h5 timing files; pass files hist-train wrote")
+            files += found
+        elif p.exists():
+            files.append(p)
+        else:
+            raise HistError(f"{p} does not exist; pass a timing file or a folder of them")
+    runs = []
+    for f in files:
+        runs += _read_merged(f) if _is_merged(f) else [read_run(f)]
+    return runs
+
+
+def _is_merged(path: Path) -> bool:
+    try:
+        with h5py.File(path, "r") as f:
+            return f.attrs.get("schema") == SCHEMA + "-merged"
+    except OSError:
+        return False
+
+
+def _read_merged(path: Path) -> list[Run]:
+    import tempfile
+    runs = []
+    with h5py.File(path, "r") as f, tempfile.TemporaryDirectory() as tmp:
+        for name in f["runs"]:
+            part = Path(tmp) / f"{name}.h5"
+            with h5py.File(part, "w") as out:
+                for k, v in f["runs"][name].attrs.items():
+                    out.attrs[k] = v
+                for g in ("rounds", "evals"):
+                    f.copy(f["runs"][name][g], out, g)
+            run = read_run(part)
+            run.path = Path(f"{path}:{name}")
+            runs.append(run)
+    return runs
+
+
+def merge(runs: list[Run], dest: Path) -> None:
+    """Copy every run into one file, one group per run under /runs."""
+    with h5py.File(dest, "w") as out:
+        out.attrs["schema"] = SCHEMA + "-merged"
+        base = out.create_group("runs")
+        for i, run in enumerate(runs):
+            g = base.create_group(f"{i:03d}-{Path(str(run.path)).stem}")
+            for k, v in run.attrs.items():
+                g.attrs[k] = v
+            for name, cols in (("rounds", run.rounds), ("evals", run.evals)):
+                sub = g.create_group(name)
+                for k, v in cols.items():
+                    sub.create_dataset(k, data=v, maxshape=(None,) + v.shape[1:], chunks=True)
+
+
+def _key(run: Run) -> tuple:
+    a = run.attrs
+    return (a["dataset"], a["arch"], float(a.get("width", 1.0)), a["method"], int(a["world_size"]))
+
+
+def _run_figures(run: Run, target: float | None) -> dict:
+    r, e = run.rounds, run.evals
+    epochs = float(r["epoch"][-1]) if len(r["epoch"]) else 0.0
+    wall = float(r["wall_s"][-1]) if len(r["wall_s"]) else 0.0
+    reached = [float(w) for w, acc in zip(e["wall_s"], e["test_accuracy"]) if target is not None and acc >= target]
+    return {
+        "epochs": epochs,
+        "seconds_per_epoch": wall / epochs if epochs else float("nan"),
+        "time_to_target_s": reached[0] if reached else None,
+        "final_accuracy": float(e["test_accuracy"][-1]) if len(e["test_accuracy"]) else None,
+        "compute_s_per_round": float(r["compute_s"].mean()) if len(r["compute_s"]) else 0.0,
+        "data_s_per_round": float(r["data_s"].mean()) if len(r["data_s"]) else 0.0,
+        "sync_s_per_round": float(r["sync_s"].mean()) if len(r["sync_s"]) else 0.0,
+        "bytes_per_round": float(r["bytes_sent"].sum(axis=1).mean()) if len(r["bytes_sent"]) else 0.0,
+    }
+
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+def summarise(runs: list[Run], target_accuracy: float | None = None) -> tuple[list[dict], list[str]]:
+    """One row per group, speedups against the one-process (or smallest) run of the same model."""
+    if not runs:
+        raise HistError("no runs to report")
+    notes = []
+    if target_accuracy is None:
+        finals = [float(r.evals["test_accuracy"][-1]) for r in runs if len(r.evals["test_accuracy"])]
+        target_accuracy = 0.9 * max(finals) if finals else None
+        if target_accuracy is not None:
+            notes.append(f"time to target: target accuracy {target_accuracy:.2f}% (90% of the best final accuracy)")
+    groups = defaultdict(list)
+    for run in runs:
+        groups[_key(run)].append(_run_figures(run, target_accuracy))
+    rows = []
+    for key, figs in sorted(groups.items()):
+        dataset, arch, width, method, world = key
+        row = {"dataset": dataset, "arch": arch, "width": width, "method": method, "world_size": world,
+               "runs": len(figs)}
+        for name in figs[0]:
+            row[name] = _mean([f[name] for f in figs])
+        rows.append(row)
+    for row in rows:
+        model = [x for x in rows if (x["dataset"], x["arch"], x["width"]) == (row["dataset"], row["arch"], row["width"])]
+        singles = [x for x in model if x["world_size"] == 1]
+        if singles:
+            base, row["baseline"] = singles[0], "1 process"
+        else:
+            same = [x for x in model if x["method"] == row["method"]]
+            base = min(same, key=lambda x: x["world_size"])
+            row["baseline"] = f"{base['world_size']} processes (no 1-process run)"
+            note = (f"{row['dataset']}/{row['arch']}/{row['method']}: no one-process run; speedup relative "
+                    f"to {base['world_size']} processes")
+            if note not in notes:
+                notes.append(note)
+        row["speedup"] = base["seconds_per_epoch"] / row["seconds_per_epoch"]
+        tb, tr = base["time_to_target_s"], row["time_to_target_s"]
+        row["speedup_to_target"] = tb / tr if tb and tr else None
+    return rows, notes
+
+
+def format_table(rows: list[dict], notes: list[str]) -> str:
+    head = ("dataset", "arch", "method", "np", "epochs", "s/epoch", "speedup", "to-target s",
+            "speedup@tgt", "acc %", "compute s", "data s", "sync s", "MB/round")
+    lines = [head]
+    fmt = lambda v, p=2: "-" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.{p}f}"
+    for r in rows:
+        lines.append((r["dataset"], r["arch"].removeprefix("preact_"), r["method"], str(r["world_size"]),
+                      fmt(r["epochs"]), fmt(r["seconds_per_epoch"]), fmt(r["speedup"]),
+                      fmt(r["time_to_target_s"], 1), fmt(r["speedup_to_target"]), fmt(r["final_accuracy"]),
+                      fmt(r["compute_s_per_round"], 3), fmt(r["data_s_per_round"], 3),
+                      fmt(r["sync_s_per_round"], 3), fmt(r["bytes_per_round"] / 1e6, 3)))
+    widths = [max(len(l[i]) for l in lines) for i in range(len(head))]
+    text = "\n".join("  ".join(c.rjust(w) for c, w in zip(l, widths)) for l in lines)
+    return text + "".join(f"\nnote: {n}" for n in notes)
+
+
+def draw_figures(runs: list[Run], rows: list[dict], out: Path) -> list[Path]:
+    """Speedup, accuracy-vs-time, round breakdown and bytes per round, as PNG and SVG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    def save(fig, name):
+        for ext in ("png", "svg"):
+            path = out / f"{name}.{ext}"
+            fig.savefig(path, dpi=120, bbox_inches="tight")
+            written.append(path)
+        plt.close(fig)
+
+    methods = sorted({r["method"] for r in rows if r["world_size"] > 1}) or sorted({r["method"] for r in rows})
+    worlds = sorted({r["world_size"] for r in rows})
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, field, title in ((axes[0], "speedup", "wall time per epoch"),
+                             (axes[1], "speedup_to_target", "time to target accuracy")):
+        for m in methods:
+            pts = sorted((r["world_size"], r[field]) for r in rows
+                         if (r["method"] == m or r["world_size"] == 1) and r[field] is not None)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=m)
+        ax.plot(worlds, [w / worlds[0] for w in worlds], "k--", label="linear")
+        ax.set(xlabel="GPUs (processes)", ylabel="speedup", title=f"Speedup: {title}")
+        ax.set_xscale("log", base=2)
+        ax.legend()
+    save(fig, "speedup")
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for run in runs:
+        if len(run.evals["wall_s"]):
+            ax.plot(run.evals["wall_s"], run.evals["test_accuracy"], marker=".",
+                    label=f"{run.attrs['method']} np{run.attrs['world_size']}")
+    ax.set(xlabel="wall-clock time (s)", ylabel="test accuracy (%)", title="Accuracy against time")
+    ax.legend(fontsize=8)
+    save(fig, "accuracy_vs_time")
+
+    labels = [f"{r['method']}\nnp{r['world_size']}" for r in rows]
+    x = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(max(5, len(rows)), 4))
+    bottom = np.zeros(len(rows))
+    for field, name in (("compute_s_per_round", "compute"), ("data_s_per_round", "data"),
+                        ("sync_s_per_round", "synchronisation")):
+        vals = np.array([r[field] for r in rows])
+        ax.bar(x, vals, bottom=bottom, label=name)
+        bottom += vals
+    ax.set_xticks(x, labels)
+    ax.set(ylabel="seconds per round (mean over ranks)", title="Where a round goes")
+    ax.legend()
+    save(fig, "round_breakdown")
+
+    fig, ax = plt.subplots(figsize=(max(5, len(rows)), 4))
+    ax.bar(x, [r["bytes_per_round"] / 1e6 for r in rows])
+    ax.set_xticks(x, labels)
+    ax.set(ylabel="MB per round, all ranks", title="Communication per round")
+    save(fig, "bytes_per_round")
+    return written
+
+
+def rows_as_json(rows) -> str:
+    return json.dumps(rows, indent=2)

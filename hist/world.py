@@ -1,0 +1,42 @@
+"""Who am I in the job: rank, size and local rank from Horovod, Open MPI, PMI or Slurm variables.
+
+Read before any library initialises, so that the device can be chosen (the GPU of the local
+rank) and errors can name the rank and host, whichever launcher started the process.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+_RANK = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "SLURM_PROCID", "RANK")
+_SIZE = ("HOROVOD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS", "WORLD_SIZE")
+_LOCAL = ("HOROVOD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID", "LOCAL_RANK")
+
+
+@dataclass(frozen=True)
+class WorldInfo:
+    rank: int
+    size: int
+    local_rank: int
+    host: str
+
+    def where(self) -> str:
+        return f"rank {self.rank} on {self.host}"
+
+
+def _first(names, env, default: int) -> int:
+    for name in names:
+        value = env.get(name)
+        if value not in (None, ""):
+            try:
+                return int(value)
+            except ValueError:
+                continue
+    return default
+
+
+def world_info_from_env(env=None) -> WorldInfo:
+    env = os.environ if env is None else env
+    return WorldInfo(_first(_RANK, env, 0), _first(_SIZE, env, 1), _first(_LOCAL, env, 0),
+                     socket.gethostname())
