@@ -13,7 +13,7 @@ SAMPLE := $(abspath $(CURDIR)/../shared/data/cifar10-sample)
 export HIST_TEST_DATA ?= $(if $(wildcard $(SAMPLE)/cifar-10-batches-py),$(SAMPLE))
 PYTEST_ARGS ?=
 DEMO_DIR ?= runs/demo
-DEMO_ARGS ?= --width 0.125 --arch preact_resnet18 --epochs 2 --batch-size 64 --local-iters 8 \
+DEMO_ARGS ?= --width 0.125 --arch preact_resnet34 --epochs 2 --batch-size 64 --local-iters 8 \
 	--synthetic-size 2048 --eval-every 4 --threads 1
 
 .PHONY: setup demo test clean

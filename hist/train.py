@@ -125,6 +125,8 @@ class DataParallel(Method):
     def after_backward(self) -> None:
         # Horovod: wait for the allreduces started during backward; the wait is the sync time.
         self.optimizer.synchronize()
+        self.sync.traffic.allreduce(sum(p.numel() * p.element_size() for p in self.model.parameters()),
+                                    self.sync.size)
 
 
 METHOD_CLASSES = {"ist": IST, "local-sgd": LocalSGD, "dp": DataParallel}
@@ -257,7 +259,7 @@ def train(cfg: Config, model: PreActResNet, sync: Synchroniser, train_data: Devi
             t1 = time.perf_counter()
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, total_steps, steps_per_epoch, cfg)
-            optimizer.zero_grad(set_to_none=True)
+            model.zero_grad(set_to_none=True)
             loss = loss_fn(model(x), y)
             loss.backward()
             t2 = time.perf_counter()

@@ -1,0 +1,126 @@
+"""Timing files and hist-report on files the test writes with known values."""
+import json
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+
+from hist.errors import HistError
+from hist.report import load_runs, merge, summarise
+from hist.timings import SCHEMA_VERSION, TimingWriter, read_run
+
+BIN = __import__("pathlib").Path(sys.executable).parent
+
+
+def write_run(path, method, world, seconds_per_round, rounds=4, accs=(50.0, 80.0), sent=1000,
+              dataset="synthetic"):
+    meta = {"method": method, "dataset": dataset, "arch": "preact_resnet18", "width": 0.25,
+            "world_size": world, "subnets": world, "config": {"seed": 0}, "hosts": ["h"] * world}
+    w = TimingWriter(path, meta, world)
+    for r in range(rounds):
+        per_rank = {"compute_s": [seconds_per_round * 0.5] * world, "data_s": [seconds_per_round * 0.25] * world,
+                    "sync_s": [seconds_per_round * 0.25] * world, "bytes_sent": [sent] * world,
+                    "bytes_received": [sent] * world, "loss": [1.0 / (r + 1)] * world}
+        w.add_round(r, 10, (r + 1) * 0.5, (r + 1) * seconds_per_round, per_rank)
+        if r % 2 == 1:
+            w.add_eval(r, (r + 1) * 0.5, (r + 1) * seconds_per_round, 1.0, accs[r // 2])
+    w.finish("completed", rounds * seconds_per_round)
+    return path
+
+
+@pytest.fixture
+def runs_dir(tmp_path):
+    write_run(tmp_path / "single.h5", "single", 1, 4.0)
+    write_run(tmp_path / "ist2.h5", "ist", 2, 1.0, sent=300)
+    write_run(tmp_path / "dp2.h5", "dp", 2, 2.0, accs=(40.0, 70.0))
+    return tmp_path
+
+
+def test_table_values_are_exact(runs_dir):
+    rows, notes = summarise(load_runs([runs_dir]), target_accuracy=60.0)
+    by = {(r["method"], r["world_size"]): r for r in rows}
+    single, ist, dp = by[("single", 1)], by[("ist", 2)], by[("dp", 2)]
+    assert single["seconds_per_epoch"] == pytest.approx(8.0)  # 16 s over 2 epochs
+    assert ist["seconds_per_epoch"] == pytest.approx(2.0)
+    assert ist["speedup"] == pytest.approx(4.0) and dp["speedup"] == pytest.approx(2.0)
+    # target 60%: single reaches it at its 2nd eval (16 s), ist at 4 s, dp at 8 s
+    assert single["time_to_target_s"] == pytest.approx(16.0)
+    assert ist["speedup_to_target"] == pytest.approx(4.0) and dp["speedup_to_target"] == pytest.approx(2.0)
+    assert ist["bytes_per_round"] == 600 and dp["bytes_per_round"] == 2000
+    assert ist["compute_s_per_round"] == pytest.approx(0.5) and ist["sync_s_per_round"] == pytest.approx(0.25)
+    assert dp["final_accuracy"] == 70.0
+    assert all(r["baseline"] == "1 process" for r in rows)
+
+
+def test_missing_baseline_is_said(tmp_path):
+    write_run(tmp_path / "ist2.h5", "ist", 2, 2.0)
+    write_run(tmp_path / "ist4.h5", "ist", 4, 1.0)
+    rows, notes = summarise(load_runs([tmp_path]))
+    assert [r["speedup"] for r in rows] == [pytest.approx(1.0), pytest.approx(2.0)]
+    assert any("no one-process run" in n for n in notes)
+
+
+def test_cli_prints_table_json_and_writes_valid_figures(runs_dir):
+    out = runs_dir / "figs"
+    proc = subprocess.run([BIN / "hist-report", runs_dir, "-o", out], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "speedup" in proc.stdout and "ist" in proc.stdout
+    for name in ("speedup", "accuracy_vs_time", "round_breakdown", "bytes_per_round"):
+        png = (out / f"{name}.png").read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+        assert (out / f"{name}.svg").read_text().lstrip().startswith("<?xml")
+    proc = subprocess.run([BIN / "hist-report", runs_dir / "ist2.h5", runs_dir / "single.h5",
+                           "--format", "json", "--no-figures"], capture_output=True, text=True)
+    rows = json.loads(proc.stdout)
+    assert {r["method"] for r in rows} == {"ist", "single"}
+    assert {"method", "world_size", "epochs", "seconds_per_epoch", "speedup", "final_accuracy",
+            "bytes_per_round"} <= set(rows[0])
+
+
+def test_a_killed_run_still_reports(tmp_path):
+    path = write_run(tmp_path / "killed.h5", "ist", 2, 1.0)
+    with h5py.File(path, "a") as f:  # as if killed between two column writes of round 4
+        f["rounds/compute_s"].resize(5, axis=0)
+        f.attrs["status"] = "running"
+    run = read_run(path)
+    assert len(run.rounds["compute_s"]) == 4 and len(run.rounds["wall_s"]) == 4
+    rows, _ = summarise([run])
+    assert rows[0]["epochs"] == 2.0
+
+
+def test_merge_round_trips(runs_dir, tmp_path):
+    runs = load_runs([runs_dir])
+    merge(runs, tmp_path / "all.h5")
+    again = load_runs([tmp_path / "all.h5"])
+    assert summarise(again, 60.0)[0] == summarise(runs, 60.0)[0]
+
+
+def test_resumed_writer_drops_rounds_after_the_checkpoint(tmp_path):
+    path = write_run(tmp_path / "r.h5", "ist", 2, 1.0, rounds=4)
+    TimingWriter(path, {}, 2, start_round=2)
+    run = read_run(path)
+    assert run.rounds["round"].tolist() == [0, 1] and run.evals["round"].tolist() == [1]
+
+
+@pytest.mark.parametrize("case", ["missing", "not_hdf5", "other_schema", "other_version", "empty_dir"])
+def test_bad_inputs_give_one_line(tmp_path, case):
+    target = tmp_path / "x.h5"
+    if case == "not_hdf5":
+        target.write_text("hello")
+    elif case == "other_schema":
+        with h5py.File(target, "w") as f:
+            f.attrs["foo"] = 1
+    elif case == "other_version":
+        write_run(target, "ist", 2, 1.0)
+        with h5py.File(target, "a") as f:
+            f.attrs["schema_version"] = SCHEMA_VERSION + 1
+    elif case == "empty_dir":
+        target = tmp_path / "empty"
+        target.mkdir()
+    proc = subprocess.run([BIN / "hist-report", target], capture_output=True, text=True)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hist-report: error") and str(target) in lines[0]
+    assert "Traceback" not in proc.stderr
