@@ -162,7 +162,8 @@ class Synchroniser:
             return
         grads = [p.grad for p in params if p.grad is not None]
         # Horovod: one fused allreduce on the subnetwork's process set.
-        self.hvd.grouped_allreduce_(grads, op=self.hvd.Average, process_set=self.subnet_set)
+        self.hvd.grouped_allreduce_(grads, op=self.hvd.Average,
+                                     process_set=self.subnet_set, name="hist.subnet_grads")
         self.traffic.allreduce(sum(g.numel() * g.element_size() for g in grads), self.ranks_per_subnet)
 
     def average_over_world(self, params) -> None:
@@ -171,7 +172,7 @@ class Synchroniser:
             return
         tensors = [p.data for p in params]
         # Horovod: grouped allreduce over the global process set.
-        self.hvd.grouped_allreduce_(tensors, op=self.hvd.Average)
+        self.hvd.grouped_allreduce_(tensors, op=self.hvd.Average, name="hist.world_average")
         self.traffic.allreduce(sum(t.numel() * t.element_size() for t in tensors), self.size)
 
     def sum_over_world(self, values) -> np.ndarray:
