@@ -100,7 +100,8 @@ class IST(Method):
     def eval_scale(self) -> float:
         # Each block trained in a fraction p of the subnetworks; scaling its residual branch by p
         # keeps the full network's activations at the size the subnetworks were trained with.
-        return self.plan.keep_fraction() if self.sync.subnets > 1 else 1.0
+        # (Group sizes, hence p, are the same every round.)
+        return self.plan_for(0).keep_fraction() if self.sync.subnets > 1 else 1.0
 
 
 class LocalSGD(Method):
@@ -242,6 +243,10 @@ def train(cfg: Config, model: PreActResNet, sync: Synchroniser, train_data: Devi
     calibration = list(train_data.calibration_batches(cfg.bn_batches))
     t0 = time.perf_counter() - wall_before
     result = Result(n_rounds, None, None, 0.0)
+    if start_round >= n_rounds:  # resuming a run that had finished: report its model again
+        result.final_loss, result.final_accuracy = evaluate(
+            model, test_data, calibration, sync, method.eval_scale(), cfg.eval_batch_size)
+        log(f"the checkpoint is already at the last round ({n_rounds}); nothing left to train")
     loss_fn = torch.nn.CrossEntropyLoss()
 
     for r in range(start_round, n_rounds):

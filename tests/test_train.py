@@ -1,0 +1,138 @@
+"""hist-train end to end: real processes, real HDF5 files, the real CIFAR-10 sample."""
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from conftest import BIN, ROOT, horovodrun, mpi_env, run
+
+TINY = ["--arch", "preact_resnet34", "--width", "0.0625", "--batch-size", "32", "--threads", "1",
+        "--synthetic-size", "512", "--local-iters", "4", "--bn-batches", "2"]
+
+
+def rounds(path):
+    with h5py.File(path, "r") as f:
+        return {k: f["rounds"][k][:] for k in f["rounds"]}, {k: f["evals"][k][:] for k in f["evals"]}, dict(f.attrs)
+
+
+def test_ist_on_real_cifar10_sample_learns(cifar_sample, tmp_path):
+    out = tmp_path / "ist.h5"
+    proc = horovodrun(2, BIN / "hist-train", "cifar10", "--data-dir", cifar_sample, "--arch", "preact_resnet34",
+                      "--width", "0.125", "--epochs", "2", "--batch-size", "32", "--local-iters", "10",
+                      "--lr", "0.05", "--threads", "1", "--out", out, timeout=600)
+    last = proc.stdout.strip().splitlines()[-1]
+    assert "final test accuracy" in last
+    r, e, attrs = rounds(out)
+    loss = r["loss"].mean(axis=1)
+    assert loss[-3:].mean() < loss[:3].mean() - 0.1
+    assert e["test_accuracy"][-1] > 20.0  # chance is 10%
+    assert attrs["status"] == "completed" and attrs["world_size"] == 2 and attrs["subnets"] == 2
+    assert r["bytes_sent"].shape == (len(loss), 2) and (r["bytes_sent"] > 0).all()
+    assert attrs["train_images"] == 4577 and attrs["test_images"] == 508
+
+
+@pytest.mark.parametrize("method", ["ist", "local-sgd", "dp"])
+def test_four_processes_two_subnetworks_each_method(method, tmp_path):
+    out = tmp_path / f"{method}.h5"
+    horovodrun(4, BIN / "hist-train", "synthetic", "--method", method, "--subnets", "2", "--epochs", "1",
+               *TINY, "--out", out, timeout=600)
+    r, e, attrs = rounds(out)
+    assert attrs["world_size"] == 4 and attrs["method"] == method
+    assert attrs["subnets"] == (2 if method == "ist" else 1)
+    assert r["round"].tolist() == list(range(len(r["round"]))) and len(e["test_accuracy"]) == 1
+    assert (r["bytes_sent"].sum(axis=1) > 0).all()
+    if method == "ist":  # two ranks per subnetwork share their gradients every step
+        assert (r["sync_s"] > 0).all()
+
+
+def test_single_process_and_determinism(tmp_path):
+    a, b = tmp_path / "a.h5", tmp_path / "b.h5"
+    for out in (a, b):
+        run([BIN / "hist-train", "synthetic", "--epochs", "1", *TINY, "--out", out])
+    ra, ea, attrs = rounds(a)
+    rb, eb, _ = rounds(b)
+    assert attrs["method"] == "single" and attrs["world_size"] == 1
+    assert np.array_equal(ra["loss"], rb["loss"]) and np.array_equal(ea["test_loss"], eb["test_loss"])
+
+
+def test_two_process_ist_is_deterministic(tmp_path):
+    a, b = tmp_path / "a.h5", tmp_path / "b.h5"
+    for out in (a, b):
+        horovodrun(2, BIN / "hist-train", "synthetic", "--epochs", "1", *TINY, "--out", out)
+    assert np.array_equal(rounds(a)[0]["loss"], rounds(b)[0]["loss"])
+
+
+def final_model(path):
+    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+
+
+def _spawn(args, out):
+    cmd = [BIN / "horovodrun", "-np", "2", "-H", "localhost:2", BIN / "hist-train", "synthetic",
+           "--epochs", "6", *TINY, "--checkpoint-every", "2", "--out", out, *args]
+    return subprocess.Popen([str(c) for c in cmd], env=mpi_env(), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _wait_for(path, proc, timeout=240):
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() is not None else "timeout"
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("how", ["sigkill", "sigusr1"])
+def test_killed_run_resumes_to_the_uninterrupted_model(tmp_path, how):
+    ref = tmp_path / "ref.h5"
+    horovodrun(2, BIN / "hist-train", "synthetic", "--epochs", "6", *TINY, "--checkpoint-every", "2", "--out", ref)
+    out = tmp_path / "cut.h5"
+    proc = _spawn([], out)
+    _wait_for(out.with_suffix(".ckpt.pt"), proc)
+    if how == "sigkill":
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(60)
+    else:  # Slurm's warning before the time limit
+        # srun --signal delivers it to the ranks; one is enough, the ranks agree at each round end
+        os.kill(_rank_pids(out)[0], signal.SIGUSR1)
+        assert proc.wait(120) == 3  # checkpoint at the round end, then exit 3
+        assert "resume with --resume" in proc.stdout.read()
+    r, _, _ = rounds(out)  # the killed run's file stays readable
+    ref_rounds = rounds(ref)[0]["round"]
+    assert len(r["round"]) < len(ref_rounds)
+    horovodrun(2, BIN / "hist-train", "synthetic", "--epochs", "6", *TINY, "--checkpoint-every", "2",
+               "--out", out, "--resume")
+    r, e, attrs = rounds(out)
+    assert r["round"].tolist() == ref_rounds.tolist()  # none missing, none repeated
+    assert attrs["status"] == "completed"
+    a, b = final_model(ref.with_suffix(".ckpt.pt")), final_model(out.with_suffix(".ckpt.pt"))
+    assert all(torch.equal(a[k], b[k]) for k in a if not k.endswith("num_batches_tracked"))
+    assert np.array_equal(rounds(ref)[0]["loss"], r["loss"])
+
+
+def _rank_pids(out):
+    """The rank processes (python running hist-train), not horovodrun or mpirun."""
+    pattern = f"^[^ ]*python[^ ]* [^ ]*/hist-train synthetic .*{out}"
+    found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True)
+    return sorted(int(p) for p in found.stdout.split())
+
+
+def test_a_dying_rank_ends_the_job_in_time(tmp_path):
+    out = tmp_path / "die.h5"
+    proc = _spawn(["--epochs", "50"], out)
+    _wait_for(out, proc)
+    time.sleep(2)
+    os.kill(_rank_pids(out)[-1], signal.SIGKILL)
+    start = time.time()
+    try:
+        code = proc.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("the job hung after one rank died")
+    output = proc.stdout.read()
+    assert code != 0 and time.time() - start < 60
+    assert "rank" in output and "node" in output  # mpirun names the rank and host that died
