@@ -191,6 +191,7 @@ def draw_figures(runs: list[Run], rows: list[dict], out: Path) -> list[Path]:
         ax.plot(worlds, [w / worlds[0] for w in worlds], "k--", label="linear")
         ax.set(xlabel="GPUs (processes)", ylabel="speedup", title=f"Speedup: {title}")
         ax.set_xscale("log", base=2)
+        ax.set_xticks(worlds, [str(w) for w in worlds])
         ax.legend()
     save(fig, "speedup")
 
@@ -225,5 +226,3 @@ def draw_figures(runs: list[Run], rows: list[dict], out: Path) -> list[Path]:
     return written
 
 
-def rows_as_json(rows) -> str:
-    return json.dumps(rows, indent=2)

@@ -4,7 +4,9 @@
 #   system (apt, root): Open MPI, HDF5 tools, Slurm + munge (for the Slurm tests)
 #   $HIST_VENV (default .venv): torch, mpi4py, numpy, h5py, click, matplotlib, horovod, hist
 #   $HIST_CACHE (default ~/.cache/hist): the Horovod wheel, built once per
-#     (Horovod, torch, Python) because its build takes ~9 minutes on 2 cores.
+#     (Horovod, torch, Python, GPU operations) because its build takes ~9 minutes on 2 cores.
+# On a cluster, inside an activated conda env or module environment:
+#   tools/bootstrap.sh --horovod-only   builds/installs Horovod (and hist) into that Python only.
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -15,11 +17,17 @@ torch_version=${HIST_TORCH_VERSION:-2.13.0}
 cache=${HIST_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/hist}
 apt_packages="openmpi-bin libopenmpi-dev hdf5-tools slurmctld slurmd slurm-client munge"
 say() { printf '[bootstrap] %s\n' "$*" >&2; }
+horovod_only=0
+if [ "${1:-}" = "--horovod-only" ]; then
+  horovod_only=1
+  venv=$(dirname "$(dirname "$(command -v python)")")
+  torch_version=$(python -c 'import torch; print(torch.__version__.split("+")[0])')
+fi
 
 # The stamp records what was installed; a change to setup.py or this script redoes the venv steps.
 fingerprint=$(cat "$root/setup.py" "$0" | sha256sum | cut -c1-16)
 stamp=$venv/.hist-bootstrap-$fingerprint
-if [ -f "$stamp" ]; then exit 0; fi
+if [ "$horovod_only" = 0 ] && [ -f "$stamp" ]; then exit 0; fi
 
 install_system_packages() {
   local missing=""
@@ -54,7 +62,7 @@ create_venv() {
 horovod_wheel() {
   local pyver key dir src
   pyver=$("$venv/bin/python" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
-  key="horovod-$horovod_version-torch-$torch_version-$pyver"
+  key="horovod-$horovod_version-torch-$torch_version-$pyver${HOROVOD_GPU_OPERATIONS:+-${HOROVOD_GPU_OPERATIONS,,}}"
   dir="$cache/wheels/$key"
   if ! ls "$dir"/horovod-*.whl >/dev/null 2>&1; then
     say "building Horovod $horovod_version for torch $torch_version (about 9 minutes on 2 cores, once)"
@@ -77,12 +85,13 @@ horovod_wheel() {
   ls "$dir"/horovod-*.whl | head -n1
 }
 
-install_system_packages
-create_venv
+if [ "$horovod_only" = 0 ]; then
+  install_system_packages
+  create_venv
+fi
 "$venv/bin/python" -c "import horovod.torch" 2>/dev/null || \
   "$venv/bin/pip" install -q --no-deps "$(horovod_wheel)"
 "$venv/bin/pip" install -q --no-deps -e "$root"
 "$venv/bin/horovodrun" --check-build | grep -q '\[X\] PyTorch' || { say "horovod lacks PyTorch support"; exit 1; }
-rm -f "$venv"/.hist-bootstrap-*
-touch "$stamp"
+if [ "$horovod_only" = 0 ]; then rm -f "$venv"/.hist-bootstrap-*; touch "$stamp"; fi
 say "ready: $venv"
