@@ -22,6 +22,7 @@ import torch
 
 from .errors import HistError
 from .plan import Plan
+from .world import world_info_from_env
 
 
 @dataclass
@@ -139,6 +140,10 @@ class Synchroniser:
         self.MPI, self.hvd = MPI, hvd
         self.world = MPI.COMM_WORLD
         self.size, self.rank = self.world.Get_size(), self.world.Get_rank()
+        launched = world_info_from_env().size
+        if launched != self.size:
+            raise HistError(f"the launcher started {launched} processes but MPI sees {self.size}; "
+                            f"launch with horovodrun (MPI controller), mpirun or srun --mpi=pmix, not --gloo")
         if self.size % self.subnets:
             raise HistError(f"{self.size} processes cannot form {self.subnets} equal subnetworks; "
                             f"use a process count that is a multiple of --subnets")
