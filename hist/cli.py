@@ -175,9 +175,12 @@ def report(paths, output, fmt, target_accuracy, merge, no_figures):
 @click.option("--width", default=0.25, help="Channel multiplier of the ResNet-101 used for timing.")
 @click.option("--batch-size", default=64)
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--data-dir", type=click.Path(path_type=str), help="Folder with cifar-10-batches-py for the accuracy runs [default: $HIST_DATA].")
+@click.option("--skip-runs", is_flag=True, help="Only the in-process measurements (no hist-train runs).")
 @user_errors("hist-bench")
-def bench(as_json, quick, width, batch_size, device):
-    """Measure step-time ratios, bytes per round, sync share and pipeline throughput."""
+def bench(as_json, quick, width, batch_size, device, data_dir, skip_runs):
+    """Measure step-time ratios, bytes per round, speedup, sync share, pipeline and accuracy."""
     from . import bench as b
-    results = b.run(quick=quick, width=width, batch_size=batch_size, device=resolve_device(device, 0))
+    results = b.run(quick=quick, width=width, batch_size=batch_size, device=resolve_device(device, 0),
+                    data_dir=data_dir, skip_runs=skip_runs)
     click.echo(json.dumps(results, indent=2) if as_json else b.format_table(results))

@@ -1,0 +1,252 @@
+"""hist-bench: the figures behind the performance claims, measured on this machine.
+
+Everything is measured or counted by the same code the training uses: step times with
+warm-up, bytes from the synchronisation schedule, end-to-end epochs from real `hist-train`
+runs (one process against `horovodrun -np 2`), accuracy from real runs on CIFAR-10 when
+`--data-dir`/`HIST_DATA` has it (else the synthetic set, and the result says so).
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import data as datasets
+from .models import PreActResNet, build_model, shared_and_partitioned
+from .plan import make_plan
+from .sync import round_bytes
+from .timings import read_run
+
+# ResIST paper, ResNet-101 on CIFAR-100, GB per round, all machines (Table in Dun et al., 2022).
+PUBLISHED_GB = {"ist": {"2": 0.454, "4": 0.720, "8": 1.289}, "local-sgd": {"2": 0.662, "4": 1.325, "8": 2.649}}
+
+
+def _time_steps(model, x, y, steps: int, warmup: int) -> float:
+    """Median seconds of one SGD training step after warm-up."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    times = []
+    for i in range(warmup + steps):
+        t = time.perf_counter()
+        model.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        if x.device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def conv_flops(model: PreActResNet, active) -> float:
+    """Forward multiply-adds of the convolutions and classifier with the given partitioned blocks on."""
+    flops, hw = 0.0, 32 * 32
+    chosen = set(active)
+    parts = model.partitioned_blocks()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear):
+            flops += m.in_features * m.out_features
+    flops += model.conv1.in_channels * model.conv1.out_channels * 9 * hw
+    for stage, scale in ((model.layer1, 1), (model.layer2, 4), (model.layer3, 16), (model.layer4, 64)):
+        for block in stage:
+            if block in parts and parts.index(block) not in chosen:
+                continue
+            out_hw = hw / scale
+            for conv in (block.conv1, block.conv2, block.shortcut):
+                if conv is not None:
+                    k = conv.kernel_size[0] * conv.kernel_size[1]
+                    flops += conv.in_channels * conv.out_channels * k * out_hw
+    return flops
+
+
+def subnet_step_ratio(width: float, batch: int, device, steps: int, warmup: int) -> dict:
+    torch.manual_seed(0)
+    model = build_model("preact_resnet101", 10, width).to(device)
+    x = torch.randn(batch, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    n = len(model.partitioned_blocks())
+    full = _time_steps(model, x, y, steps, warmup)
+    full_flops = conv_flops(model, range(n))
+    out = {"step_s_full": full, "ratio": {}, "flops_ratio": {}}
+    for s in (2, 4, 8):
+        blocks = make_plan(0, 0, n, s).blocks[0]
+        model.set_subnetwork(blocks)
+        out["ratio"][str(s)] = _time_steps(model, x, y, steps, warmup) / full
+        out["flops_ratio"][str(s)] = conv_flops(model, blocks) / full_flops
+        model.set_full()
+    return out
+
+
+def bytes_per_round(local_iters: int = 50, rounds: int = 20) -> dict:
+    """Bytes sent per round by all ranks together, ResNet-101 with a CIFAR-100 head (fp32)."""
+    model = build_model("preact_resnet101", 100, 1.0)
+    shared, blocks = shared_and_partitioned(model)
+    shared_b = sum(p.numel() * 4 for p in shared)
+    block_b = [sum(p.numel() * 4 for p in ps) for ps in blocks]
+    full_b = shared_b + sum(block_b)
+    out = {"ist": {}, "local-sgd": {}, "dp": {}}
+    for n in (2, 4, 8):
+        ring = n * 2 * (n - 1) / n  # sent by all ranks for one allreduce, per byte of payload
+        sent = [round_bytes(make_plan(0, r, len(blocks), n), make_plan(0, r + 1, len(blocks), n), 1,
+                            "copy", block_b, shared_b)[0] for r in range(rounds)]
+        out["ist"][str(n)] = float(np.mean(sent))
+        out["local-sgd"][str(n)] = ring * full_b
+        out["dp"][str(n)] = ring * full_b * local_iters
+    return out
+
+
+def pipeline_ratio(width: float, batch: int, device, steps: int, warmup: int) -> dict:
+    train, _ = datasets.synthetic(0, 4096, 256)
+    loader = datasets.DeviceLoader(train, "synthetic", batch, device, 0)
+    for i in range(warmup):
+        loader.batch(i)
+    t = time.perf_counter()
+    n = max(20, steps * 4)
+    for i in range(n):
+        x, _ = loader.batch(i)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    data_ips = n * batch / (time.perf_counter() - t)
+    torch.manual_seed(0)
+    model = build_model("preact_resnet101", 10, width).to(device)
+    xb, yb = loader.batch(0)
+    model_ips = batch / _time_steps(model, xb, yb, steps, warmup)
+    return {"data_images_per_s": data_ips, "model_images_per_s": model_ips, "ratio": data_ips / model_ips}
+
+
+def _bin(name: str) -> str:
+    return str(Path(sys.executable).parent / name)
+
+
+def _train(args: list[str], np_: int, out: Path, env: dict) -> None:
+    cmd = [_bin("hist-train"), *args, "--out", str(out)]
+    if np_ > 1:
+        cmd = [_bin("horovodrun"), "-np", str(np_), "-H", f"localhost:{np_}", *cmd]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+
+
+def _env() -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1", OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+                OMPI_MCA_rmaps_base_oversubscribe="1", PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
+
+
+def end_to_end(width: float, batch: int, local_iters: int, synthetic_size: int, tmp: Path) -> dict:
+    """Wall time per epoch: one full-model process against 2-process ist, local-sgd and dp."""
+    common = ["synthetic", "--arch", "preact_resnet101", "--width", str(width), "--batch-size", str(batch),
+              "--local-iters", str(local_iters), "--synthetic-size", str(synthetic_size), "--threads", "1",
+              "--epochs", "1", "--bn-batches", "1"]
+    env = _env()
+    _train(common, 1, tmp / "single.h5", env)
+    single = read_run(tmp / "single.h5")
+    base = single.rounds["wall_s"][-1] / single.rounds["epoch"][-1]
+    out = {"seconds_per_epoch": {"single": float(base)}, "speedup_np2": {}, "sync_share": None}
+    for method in ("ist", "local-sgd", "dp"):
+        path = tmp / f"{method}.h5"
+        _train(common + ["--method", method], 2, path, env)
+        run = read_run(path)
+        per_epoch = float(run.rounds["wall_s"][-1] / run.rounds["epoch"][-1])
+        out["seconds_per_epoch"][method] = per_epoch
+        out["speedup_np2"][method] = base / per_epoch
+        if method == "ist":
+            # rounds that end in an evaluation or checkpoint send every block everywhere; the
+            # steady state is the rounds before the last one
+            r = run.rounds
+            busy = r["compute_s"] + r["data_s"] + r["sync_s"]
+            steady = slice(0, max(1, len(busy) - 1))
+            out["sync_share"] = float((r["sync_s"][steady] / busy[steady]).mean())
+            out["ist_rounds"] = int(len(busy))
+    return out
+
+
+def accuracy(data_dir, epochs: float, tmp: Path) -> dict:
+    """Final test accuracy of one full-model process and of IST with 2 and 4 subnetworks."""
+    data_dir = data_dir or os.environ.get("HIST_DATA") or os.environ.get("HIST_TEST_DATA")
+    dataset = "cifar10" if data_dir and (Path(data_dir) / "cifar-10-batches-py").is_dir() else "synthetic"
+    common = [dataset, "--arch", "preact_resnet34", "--width", "0.125", "--batch-size", "32", "--lr", "0.05",
+              "--local-iters", "10", "--epochs", str(epochs), "--threads", "1"]
+    if dataset == "cifar10":
+        common += ["--data-dir", str(data_dir)]
+    env = _env()
+    out = {"dataset": dataset}
+    for key, np_ in (("single", 1), ("ist_s2", 2), ("ist_s4", 4)):
+        _train(common, np_, tmp / f"acc-{key}.h5", env)
+        out[key] = float(read_run(tmp / f"acc-{key}.h5").evals["test_accuracy"][-1])
+    return out
+
+
+def machine() -> dict:
+    import h5py
+    info = {"python": platform.python_version(), "torch": torch.__version__, "h5py": h5py.__version__,
+            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "host": platform.node()}
+    try:
+        import horovod
+        info["horovod"] = horovod.__version__
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def run(quick: bool, width: float, batch_size: int, device, data_dir=None, skip_runs: bool = False) -> dict:
+    torch.set_num_threads(1)
+    steps, warmup = (2, 1) if quick else (8, 3)
+    t0 = time.time()
+    step = subnet_step_ratio(width, batch_size, device, steps, warmup)
+    result = {
+        "subnet_step_ratio": step["ratio"],
+        "subnet_flops_ratio": step["flops_ratio"],
+        "step_s_full": step["step_s_full"],
+        "bytes_per_round": bytes_per_round(),
+        "published_gb_per_round": PUBLISHED_GB,
+    }
+    pipe = pipeline_ratio(width, batch_size, device, steps, warmup)
+    result["pipeline_ratio"] = pipe["ratio"]
+    result["pipeline"] = pipe
+    if not skip_runs and shutil.which(_bin("horovodrun")) is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            e2e = end_to_end(0.0625 if quick else width, 16 if quick else batch_size, 4 if quick else 50,
+                             256 if quick else 50 * batch_size * 4, Path(tmp))
+            result.update(e2e)
+            result["accuracy"] = accuracy(data_dir, 0.2 if quick else 3, Path(tmp))
+    result["settings"] = {"width": width, "batch_size": batch_size, "device": str(device), "quick": quick,
+                          "threads_per_process": 1}
+    result["machine"] = machine()
+    result["command"] = " ".join(["hist-bench"] + sys.argv[1:])
+    result["bench_s"] = time.time() - t0
+    return result
+
+
+def format_table(r: dict) -> str:
+    lines = [f"hist-bench on {r['machine'].get('gpu', r['machine']['cpu'])} ({r['settings']['device']}), "
+             f"ResNet-101 width {r['settings']['width']}, batch {r['settings']['batch_size']}"]
+    lines.append("subnetwork step time / full model (S=2,4,8): " + ", ".join(
+        f"{r['subnet_step_ratio'][s]:.3f} (FLOPs {r['subnet_flops_ratio'][s]:.3f})" for s in ("2", "4", "8")))
+    for m in ("ist", "local-sgd", "dp"):
+        lines.append(f"bytes per round, {m:9s} (S/N=2,4,8): " + ", ".join(
+            f"{r['bytes_per_round'][m][s] / 1e9:.3f} GB" for s in ("2", "4", "8"))
+            + ("  published: " + ", ".join(f"{v:.3f}" for v in PUBLISHED_GB[m].values()) if m in PUBLISHED_GB else ""))
+    lines.append(f"data pipeline / model images per second: {r['pipeline_ratio']:.1f}x")
+    if "speedup_np2" in r:
+        lines.append("speedup of 2 processes over 1 (wall per epoch): " + ", ".join(
+            f"{m} {v:.2f}x" for m, v in r["speedup_np2"].items()))
+        lines.append(f"IST sync share of a round: {100 * r['sync_share']:.2f}%")
+        a = r["accuracy"]
+        lines.append(f"accuracy on {a['dataset']}: single {a['single']:.2f}%, IST S=2 {a['ist_s2']:.2f}%, "
+                     f"IST S=4 {a['ist_s4']:.2f}%")
+    lines.append(f"({r['bench_s']:.0f} s)")
+    return "\n".join(lines)
+
+

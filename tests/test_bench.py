@@ -1,0 +1,37 @@
+"""A smoke run of the benchmark (tiny sizes; the figures themselves are in the README)."""
+import json
+
+import pytest
+
+from conftest import BIN, run
+from hist.bench import bytes_per_round, conv_flops
+from hist.models import build_model
+
+
+def test_bench_quick_prints_every_figure(cifar_sample):
+    proc = run([BIN / "hist-bench", "--quick", "--json", "--width", "0.0625", "--batch-size", "16",
+                "--data-dir", cifar_sample], timeout=900)
+    r = json.loads(proc.stdout)
+    assert set(r["subnet_step_ratio"]) == {"2", "4", "8"}
+    assert all(0 < v < 1.5 for v in r["subnet_step_ratio"].values())
+    assert set(r["speedup_np2"]) == {"ist", "local-sgd", "dp"} and all(v > 0 for v in r["speedup_np2"].values())
+    assert 0 <= r["sync_share"] < 1 and r["pipeline_ratio"] > 0
+    assert set(r["accuracy"]) == {"dataset", "single", "ist_s2", "ist_s4"} and r["accuracy"]["dataset"] == "cifar10"
+    assert r["machine"]["cores"] >= 1 and "torch" in r["machine"]
+
+
+def test_byte_counts_follow_the_models_sizes():
+    b = bytes_per_round(rounds=3)
+    model = build_model("preact_resnet101", 100)
+    full = sum(p.numel() for p in model.parameters()) * 4
+    assert b["local-sgd"]["2"] == pytest.approx(2 * full)      # 2 ranks x 2(k-1)/k x M
+    assert b["dp"]["8"] == pytest.approx(50 * 14 * full)
+    # IST sends the shared part by allreduce and a block only to its next trainer
+    assert b["ist"]["8"] < 0.5 * b["local-sgd"]["8"]
+    assert b["ist"]["2"] < b["ist"]["4"] < b["ist"]["8"]
+
+
+def test_flops_of_subnetworks_shrink_with_depth():
+    model = build_model("preact_resnet101", 10, 0.25)
+    full = conv_flops(model, range(22))
+    assert conv_flops(model, range(11)) < full and conv_flops(model, []) < conv_flops(model, range(11))
