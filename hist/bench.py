@@ -11,7 +11,6 @@ import json
 import os
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -22,7 +21,7 @@ import numpy as np
 import torch
 
 from . import data as datasets
-from .models import PreActResNet, build_model, shared_and_partitioned
+from .models import build_model, conv_flops, shared_and_partitioned
 from .plan import make_plan
 from .sync import round_bytes
 from .timings import read_run
@@ -32,7 +31,7 @@ PUBLISHED_GB = {"ist": {"2": 0.454, "4": 0.720, "8": 1.289}, "local-sgd": {"2": 
 
 
 def _time_steps(model, x, y, steps: int, warmup: int) -> float:
-    """Median seconds of one SGD training step after warm-up."""
+    """Fastest of `steps` SGD training steps after warm-up (the least disturbed by other load)."""
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     times = []
     for i in range(warmup + steps):
@@ -44,28 +43,7 @@ def _time_steps(model, x, y, steps: int, warmup: int) -> float:
             torch.cuda.synchronize()
         if i >= warmup:
             times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
-def conv_flops(model: PreActResNet, active) -> float:
-    """Forward multiply-adds of the convolutions and classifier with the given partitioned blocks on."""
-    flops, hw = 0.0, 32 * 32
-    chosen = set(active)
-    parts = model.partitioned_blocks()
-    for m in model.modules():
-        if isinstance(m, torch.nn.Linear):
-            flops += m.in_features * m.out_features
-    flops += model.conv1.in_channels * model.conv1.out_channels * 9 * hw
-    for stage, scale in ((model.layer1, 1), (model.layer2, 4), (model.layer3, 16), (model.layer4, 64)):
-        for block in stage:
-            if block in parts and parts.index(block) not in chosen:
-                continue
-            out_hw = hw / scale
-            for conv in (block.conv1, block.conv2, block.shortcut):
-                if conv is not None:
-                    k = conv.kernel_size[0] * conv.kernel_size[1]
-                    flops += conv.in_channels * conv.out_channels * k * out_hw
-    return flops
+    return min(times)
 
 
 def subnet_step_ratio(width: float, batch: int, device, steps: int, warmup: int) -> dict:
@@ -93,12 +71,13 @@ def bytes_per_round(local_iters: int = 50, rounds: int = 20) -> dict:
     shared_b = sum(p.numel() * 4 for p in shared)
     block_b = [sum(p.numel() * 4 for p in ps) for ps in blocks]
     full_b = shared_b + sum(block_b)
-    out = {"ist": {}, "local-sgd": {}, "dp": {}}
+    out = {"ist": {}, "ist-fp16": {}, "local-sgd": {}, "dp": {}}
     for n in (2, 4, 8):
         ring = n * 2 * (n - 1) / n  # sent by all ranks for one allreduce, per byte of payload
         sent = [round_bytes(make_plan(0, r, len(blocks), n), make_plan(0, r + 1, len(blocks), n), 1,
                             "copy", block_b, shared_b)[0] for r in range(rounds)]
         out["ist"][str(n)] = float(np.mean(sent))
+        out["ist-fp16"][str(n)] = out["ist"][str(n)] - ring * shared_b / 2  # --shared-precision fp16
         out["local-sgd"][str(n)] = ring * full_b
         out["dp"][str(n)] = ring * full_b * local_iters
     return out
@@ -200,7 +179,8 @@ def machine() -> dict:
     return info
 
 
-def run(quick: bool, width: float, batch_size: int, device, data_dir=None, skip_runs: bool = False) -> dict:
+def run(quick: bool, width: float, batch_size: int, device, data_dir=None, skip_runs: bool = False,
+        run_width: float = 0.125) -> dict:
     torch.set_num_threads(1)
     steps, warmup = (2, 1) if quick else (8, 3)
     t0 = time.time()
@@ -217,11 +197,12 @@ def run(quick: bool, width: float, batch_size: int, device, data_dir=None, skip_
     result["pipeline"] = pipe
     if not skip_runs and shutil.which(_bin("horovodrun")) is not None:
         with tempfile.TemporaryDirectory() as tmp:
-            e2e = end_to_end(0.0625 if quick else width, 16 if quick else batch_size, 4 if quick else 50,
+            e2e = end_to_end(0.0625 if quick else run_width, 16 if quick else batch_size, 4 if quick else 50,
                              256 if quick else 50 * batch_size * 4, Path(tmp))
             result.update(e2e)
             result["accuracy"] = accuracy(data_dir, 0.2 if quick else 3, Path(tmp))
-    result["settings"] = {"width": width, "batch_size": batch_size, "device": str(device), "quick": quick,
+    result["settings"] = {"width": width, "run_width": run_width, "batch_size": batch_size,
+                          "device": str(device), "quick": quick,
                           "threads_per_process": 1}
     result["machine"] = machine()
     result["command"] = " ".join(["hist-bench"] + sys.argv[1:])
@@ -234,7 +215,7 @@ def format_table(r: dict) -> str:
              f"ResNet-101 width {r['settings']['width']}, batch {r['settings']['batch_size']}"]
     lines.append("subnetwork step time / full model (S=2,4,8): " + ", ".join(
         f"{r['subnet_step_ratio'][s]:.3f} (FLOPs {r['subnet_flops_ratio'][s]:.3f})" for s in ("2", "4", "8")))
-    for m in ("ist", "local-sgd", "dp"):
+    for m in ("ist", "ist-fp16", "local-sgd", "dp"):
         lines.append(f"bytes per round, {m:9s} (S/N=2,4,8): " + ", ".join(
             f"{r['bytes_per_round'][m][s] / 1e9:.3f} GB" for s in ("2", "4", "8"))
             + ("  published: " + ", ".join(f"{v:.3f}" for v in PUBLISHED_GB[m].values()) if m in PUBLISHED_GB else ""))

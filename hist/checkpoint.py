@@ -15,7 +15,8 @@ from .errors import HistError
 
 # Keys that must match between a checkpoint and the run that resumes from it.
 IDENTITY_KEYS = ("dataset", "arch", "width", "method", "subnets", "min_depth", "aggregate",
-                 "local_iters", "batch_size", "seed", "world_size", "synthetic_size")
+                 "local_iters", "batch_size", "seed", "world_size", "synthetic_size",
+                 "shared_precision")
 
 
 def save(path: Path, state: dict) -> None:

@@ -112,6 +112,8 @@ def versions(sync, device) -> dict:
 @click.option("--subnets", default=Config.subnets, help="IST subnetworks (0 = one per process).")
 @click.option("--min-depth", default=Config.min_depth, help="Least partitioned blocks per subnetwork.")
 @click.option("--aggregate", default=Config.aggregate, type=click.Choice(AGGREGATES))
+@click.option("--shared-precision", default=Config.shared_precision, type=click.Choice(["fp32", "fp16"]),
+              help="IST: average the shared parameters' change per round in fp16 (half the bytes).")
 @click.option("--local-iters", default=Config.local_iters, help="Local steps per round.")
 @click.option("--epochs", default=Config.epochs, help="Passes over the training set (all ranks together).")
 @click.option("--batch-size", default=Config.batch_size, help="Batch per process.")
@@ -149,21 +151,30 @@ def train(dataset, **options):
 @click.option("--target-accuracy", type=float, help="Accuracy (%) for time-to-accuracy [default: 90% of the best final accuracy].")
 @click.option("--merge", type=click.Path(path_type=Path), help="Also copy all runs into this one HDF5 file.")
 @click.option("--no-figures", is_flag=True, help="Print the table only.")
+@click.option("--latency", default=5e-6, help="Projection: seconds per message.")
+@click.option("--bandwidth", default=12.5e9, help="Projection: bytes per second per link.")
 @user_errors("hist-report")
-def report(paths, output, fmt, target_accuracy, merge, no_figures):
+def report(paths, output, fmt, target_accuracy, merge, no_figures, latency, bandwidth):
     """Speedup, time-to-accuracy and communication from timing files or folders of them."""
     from . import report as rep
+    from .projection import Network
     runs = rep.load_runs(paths)
     rows, notes = rep.summarise(runs, target_accuracy)
+    proj = rep.projection(runs, rows, Network(latency, bandwidth))
     if fmt == "json":
-        click.echo(json.dumps(rows, indent=2))
+        click.echo(json.dumps(rows, indent=2))  # the table only: one object per group
     else:
         click.echo(rep.format_table(rows, notes))
+        if proj is not None:
+            click.echo(rep.format_projection(proj))
     if merge:
         rep.merge(runs, merge)
     if not no_figures:
         out = output or (paths[0] if paths[0].is_dir() else paths[0].parent) / "report"
-        for path in rep.draw_figures(runs, rows, out):
+        written = rep.draw_figures(runs, rows, out)
+        if proj is not None:
+            written += rep.draw_projection(proj, rows, out)
+        for path in written:
             click.echo(f"wrote {path}", err=True)
 
 
@@ -172,15 +183,17 @@ def report(paths, output, fmt, target_accuracy, merge, no_figures):
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--quick", is_flag=True, help="Tiny sizes: a smoke test of the benchmark itself.")
-@click.option("--width", default=0.25, help="Channel multiplier of the ResNet-101 used for timing.")
+@click.option("--width", default=0.25, help="Channel multiplier of the ResNet-101 for the step timings.")
+@click.option("--run-width", default=0.125, help="Channel multiplier of the ResNet-101 for the hist-train runs.")
 @click.option("--batch-size", default=64)
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--data-dir", type=click.Path(path_type=str), help="Folder with cifar-10-batches-py for the accuracy runs [default: $HIST_DATA].")
 @click.option("--skip-runs", is_flag=True, help="Only the in-process measurements (no hist-train runs).")
 @user_errors("hist-bench")
-def bench(as_json, quick, width, batch_size, device, data_dir, skip_runs):
+def bench(as_json, quick, width, run_width, batch_size, device, data_dir, skip_runs):
     """Measure step-time ratios, bytes per round, speedup, sync share, pipeline and accuracy."""
     from . import bench as b
-    results = b.run(quick=quick, width=width, batch_size=batch_size, device=resolve_device(device, 0),
+    results = b.run(quick=quick, width=width, run_width=run_width, batch_size=batch_size,
+                    device=resolve_device(device, 0),
                     data_dir=data_dir, skip_runs=skip_runs)
     click.echo(json.dumps(results, indent=2) if as_json else b.format_table(results))

@@ -22,6 +22,7 @@ class Config:
     subnets: int = 0                # IST subnetworks S; 0 = one per process; processes must be a multiple of S
     min_depth: int = 0              # least partitioned blocks per subnetwork (extra blocks are shared and averaged)
     aggregate: str = "copy"         # copy (the owner's values) | average (mean over subnetworks that trained it)
+    shared_precision: str = "fp32"  # fp32 | fp16: IST averages the shared parameters' change per round in fp16 (half the bytes)
     local_iters: int = 50           # local steps between aggregations (one round); logging granularity for dp
     epochs: float = 1.0             # passes over the training set, all ranks together
     batch_size: int = 128           # per process
@@ -48,6 +49,7 @@ class Config:
             (self.method in METHODS, f"--method {self.method!r}: choose one of {', '.join(METHODS)}"),
             (self.aggregate in AGGREGATES, f"--aggregate {self.aggregate!r}: choose copy or average"),
             (self.schedule in SCHEDULES, f"--schedule {self.schedule!r}: choose step or cosine"),
+            (self.shared_precision in ("fp32", "fp16"), f"--shared-precision {self.shared_precision!r}: choose fp32 or fp16"),
             (self.lr > 0, f"--lr {self.lr} must be positive"),
             (self.batch_size > 0, f"--batch-size {self.batch_size} must be at least 1"),
             (self.local_iters > 0, f"--local-iters {self.local_iters} must be at least 1"),

@@ -54,7 +54,8 @@ def run_training(cfg: Config) -> Result:
     stop = StopFlag()
     stop.install()  # before MPI starts, so an early SIGTERM is not lost
     from .sync import Synchroniser
-    sync = Synchroniser(subnets, cycle_time_ms=50 if device.type == "cpu" else None)
+    on_cpu = device.type == "cpu"
+    sync = Synchroniser(subnets, cycle_time_ms=50 if on_cpu else None, yield_when_idle=on_cpu)
     options_digest = hashlib.sha256(json.dumps(cfg.as_dict(), sort_keys=True).encode()).digest()
     sync.check_same(int.from_bytes(options_digest[:7], "little"), "options")
     identity = {**{k: getattr(cfg, k) for k in ckpt.IDENTITY_KEYS if hasattr(cfg, k)},

@@ -226,3 +226,56 @@ def draw_figures(runs: list[Run], rows: list[dict], out: Path) -> list[Path]:
     return written
 
 
+def projection(runs: list[Run], rows: list[dict], net) -> dict | None:
+    """Projected speedups from the first one-process run's measured step time, with the
+    measured speedups beside the projected ones at the world sizes that were run."""
+    from .projection import project, workload_from_run
+    singles = [r for r in runs if int(r.attrs["world_size"]) == 1]
+    w = workload_from_run(singles[0]) if singles else None
+    if w is None:
+        return None
+    curves = project(w, net)
+    check = [{"method": r["method"], "world_size": r["world_size"], "measured": r["speedup"],
+              "projected": curves[r["method"]].get(r["world_size"])}
+             for r in rows if r["method"] in curves and r["world_size"] > 1]
+    return {"latency_s": net.latency_s, "bandwidth_Bps": net.bandwidth_Bps, "step_s": w.step_s,
+            "speedup": {m: {str(n): v for n, v in c.items()} for m, c in curves.items()}, "check": check}
+
+
+def format_projection(p: dict) -> str:
+    lines = [f"projection (step {p['step_s']:.3f} s measured; latency {p['latency_s']:g} s, "
+             f"bandwidth {p['bandwidth_Bps']:.3g} B/s):"]
+    ns = list(p["speedup"]["ist"])
+    lines.append("  GPUs       " + " ".join(f"{n:>7s}" for n in ns))
+    for m, c in p["speedup"].items():
+        lines.append(f"  {m:10s} " + " ".join(f"{c[n]:7.2f}" for n in ns))
+    for c in p["check"]:
+        proj = "-" if c["projected"] is None else f"{c['projected']:.2f}"
+        lines.append(f"  check {c['method']} np{c['world_size']}: measured {c['measured']:.2f}x, projected {proj}x")
+    return "\n".join(lines)
+
+
+def draw_projection(p: dict, rows: list[dict], out: Path) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    out.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for m, curve in p["speedup"].items():
+        ns = [int(n) for n in curve]
+        line, = ax.plot(ns, list(curve.values()), label=f"{m} (projected)")
+        pts = [(r["world_size"], r["speedup"]) for r in rows if r["method"] == m and r["world_size"] > 1]
+        if pts:
+            ax.plot(*zip(*pts), "o", color=line.get_color(), label=f"{m} (measured)")
+    ns = [int(n) for n in p["speedup"]["ist"]]
+    ax.plot(ns, ns, "k--", label="linear")
+    ax.set(xscale="log", yscale="log", xlabel="GPUs", ylabel="speedup over one GPU",
+           title=f"Projected speedup (latency {p['latency_s']:g} s, {p['bandwidth_Bps'] / 1e9:g} GB/s)")
+    ax.legend(fontsize=8)
+    paths = []
+    for ext in ("png", "svg"):
+        paths.append(out / f"projection.{ext}")
+        fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return paths
+

@@ -84,6 +84,8 @@ class IST(Method):
             self.sync.check_same(self.plan.digest, f"subnetwork plan of round {r}")
         self.model.set_subnetwork(self.plan.blocks[self.sync.subnet])
         self.optimizer.state.clear()
+        if self.cfg.shared_precision == "fp16":  # the round's start, identical on every rank
+            self.shared_start = [p.detach().clone() for p in self.shared]
 
     def active_params(self):
         mine = self.plan.blocks[self.sync.subnet]
@@ -93,7 +95,10 @@ class IST(Method):
         self.sync.average_gradients(self.active_params())
 
     def end_round(self, r: int, full: bool) -> None:
-        self.sync.average_over_world(self.shared)
+        if self.cfg.shared_precision == "fp16":
+            self.sync.average_changes_over_world(self.shared, self.shared_start)
+        else:
+            self.sync.average_over_world(self.shared)
         next_plan = None if full else self.plan_for(r + 1)
         self.sync.sync_blocks(self.blocks, self.plan, next_plan, self.cfg.aggregate)
 

@@ -4,8 +4,8 @@ import json
 import pytest
 
 from conftest import BIN, run
-from hist.bench import bytes_per_round, conv_flops
-from hist.models import build_model
+from hist.bench import bytes_per_round
+from hist.models import build_model, conv_flops
 
 
 def test_bench_quick_prints_every_figure(cifar_sample):

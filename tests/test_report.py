@@ -17,7 +17,8 @@ BIN = __import__("pathlib").Path(sys.executable).parent
 def write_run(path, method, world, seconds_per_round, rounds=4, accs=(50.0, 80.0), sent=1000,
               dataset="synthetic"):
     meta = {"method": method, "dataset": dataset, "arch": "preact_resnet18", "width": 0.25,
-            "world_size": world, "subnets": world, "config": {"seed": 0}, "hosts": ["h"] * world}
+            "world_size": world, "subnets": world, "config": {"seed": 0, "batch_size": 10, "local_iters": 10},
+            "hosts": ["h"] * world, "train_images": 200}
     w = TimingWriter(path, meta, world)
     for r in range(rounds):
         per_rank = {"compute_s": [seconds_per_round * 0.5] * world, "data_s": [seconds_per_round * 0.25] * world,
@@ -67,7 +68,8 @@ def test_cli_prints_table_json_and_writes_valid_figures(runs_dir):
     proc = subprocess.run([BIN / "hist-report", runs_dir, "-o", out], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "speedup" in proc.stdout and "ist" in proc.stdout
-    for name in ("speedup", "accuracy_vs_time", "round_breakdown", "bytes_per_round"):
+    assert "projection" in proc.stdout and "check ist np2: measured 4.00x" in proc.stdout
+    for name in ("speedup", "accuracy_vs_time", "round_breakdown", "bytes_per_round", "projection"):
         png = (out / f"{name}.png").read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
         assert (out / f"{name}.svg").read_text().lstrip().startswith("<?xml")
