@@ -7,7 +7,6 @@ runs (one process against `horovodrun -np 2`), accuracy from real runs on CIFAR-
 """
 from __future__ import annotations
 
-import json
 import os
 import platform
 import shutil

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import sys
 import traceback
-import warnings
 from pathlib import Path
 
 import click
@@ -56,51 +54,6 @@ def user_errors(prog: str):
 
 
 # ---------------------------------------------------------------- hist-train
-
-def resolve_device(choice: str, local_rank: int):
-    import torch
-    if choice == "cpu":
-        return torch.device("cpu")
-    usable = torch.cuda.is_available() and torch.cuda.device_count() > 0
-    if usable:
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
-    if choice == "cuda":
-        raise HistError("--device cuda but no usable CUDA device; use --device cpu or auto")
-    if os.environ.get("CUDA_VISIBLE_DEVICES"):
-        warnings.warn(f"CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']} but CUDA is not "
-                      f"usable here; training on the CPU")
-    return torch.device("cpu")
-
-
-def default_out(cfg: Config, world_size: int) -> Path:
-    job = os.environ.get("SLURM_JOB_ID")
-    method = cfg.method if world_size > 1 else "single"
-    return Path("runs") / f"{method}-{cfg.dataset}-np{world_size}{'-' + job if job else ''}.h5"
-
-
-def check_writable(path: Path) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise HistError(f"cannot create the folder of --out {path}: {e.strerror}; choose a writable place")
-    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise HistError(f"cannot write --out {path}: permission denied; choose a writable place")
-
-
-def versions(sync, device) -> dict:
-    import h5py
-    import numpy
-    import torch
-    import horovod
-    from . import __version__
-    info = {"hist": __version__, "torch": torch.__version__, "horovod": horovod.__version__,
-            "mpi": sync.MPI.Get_library_version().splitlines()[0].strip(), "numpy": numpy.__version__,
-            "h5py": h5py.__version__, "hdf5": h5py.version.hdf5_version, "python": sys.version.split()[0],
-            "cuda": torch.version.cuda or "none", "device": str(device)}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
 
 @click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
 @click.argument("dataset")
@@ -193,6 +146,7 @@ def report(paths, output, fmt, target_accuracy, merge, no_figures, latency, band
 def bench(as_json, quick, width, run_width, batch_size, device, data_dir, skip_runs):
     """Measure step-time ratios, bytes per round, speedup, sync share, pipeline and accuracy."""
     from . import bench as b
+    from .launch import resolve_device
     results = b.run(quick=quick, width=width, run_width=run_width, batch_size=batch_size,
                     device=resolve_device(device, 0),
                     data_dir=data_dir, skip_runs=skip_runs)

@@ -7,7 +7,6 @@ the table says so.
 """
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from pathlib import Path
 

@@ -256,7 +256,7 @@ def train(cfg: Config, model: PreActResNet, sync: Synchroniser, train_data: Devi
 
     for r in range(start_round, n_rounds):
         stats = RoundStats()
-        traffic_before = sync.traffic.take()
+        sync.traffic.take()  # the round's byte count starts at zero
         t = time.perf_counter()
         method.begin_round(r)
         stats.sync_s += time.perf_counter() - t
@@ -297,7 +297,6 @@ def train(cfg: Config, model: PreActResNet, sync: Synchroniser, train_data: Devi
         _cuda_sync(device)
         stats.sync_s += time.perf_counter() - t
         stats.bytes_sent, stats.bytes_received = (int(v) for v in sync.traffic.take())
-        del traffic_before
 
         wall = time.perf_counter() - t0
         epoch = last / steps_per_epoch

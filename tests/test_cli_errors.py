@@ -1,5 +1,4 @@
 """Bad input: one line on stderr naming what is wrong, a non-zero exit, no traceback, no hang."""
-import pickle
 
 import pytest
 

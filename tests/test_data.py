@@ -1,7 +1,6 @@
 """Readers of the official formats, the synthetic set, the cache, sharding and augmentation."""
 import hashlib
 import http.server
-import io
 import pickle
 import tarfile
 import threading

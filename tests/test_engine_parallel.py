@@ -1,7 +1,6 @@
 """The IST engine across real processes: Horovod process sets plus MPI block exchange."""
 from pathlib import Path
 
-import h5py
 import pytest
 
 from conftest import BIN, horovodrun, mpirun

@@ -4,10 +4,8 @@ import subprocess
 import sys
 
 import h5py
-import numpy as np
 import pytest
 
-from hist.errors import HistError
 from hist.report import load_runs, merge, summarise
 from hist.timings import SCHEMA_VERSION, TimingWriter, read_run
 
