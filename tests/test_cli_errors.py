@@ -67,3 +67,10 @@ def test_debug_shows_the_traceback(tmp_path):
     proc = run([BIN / "hist-train", "synthetic", "--lr", "-1", "--debug", "--out", tmp_path / "x.h5"],
                check=False, timeout=120)
     assert proc.returncode == 2 and "Traceback" in proc.stderr
+
+
+def test_gloo_launch_is_refused_with_one_line(tmp_path):
+    """IST uses mpi4py beside Horovod, so it needs an MPI launch; --gloo gives singleton MPI worlds."""
+    proc = horovodrun(2, "--gloo", BIN / "hist-train", "synthetic", *TINY, "--out", tmp_path / "x.h5",
+                      check=False, timeout=120)
+    assert proc.returncode != 0 and "not --gloo" in proc.stderr and "Traceback" not in proc.stderr
