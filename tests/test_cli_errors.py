@@ -73,4 +73,6 @@ def test_gloo_launch_is_refused_with_one_line(tmp_path):
     """IST uses mpi4py beside Horovod, so it needs an MPI launch; --gloo gives singleton MPI worlds."""
     proc = horovodrun(2, "--gloo", BIN / "hist-train", "synthetic", *TINY, "--out", tmp_path / "x.h5",
                       check=False, timeout=120)
-    assert proc.returncode != 0 and "not --gloo" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode != 0 and "not --gloo" in proc.stderr
+    # horovodrun's own launcher prints a traceback when a rank fails; the ranks print none
+    assert not [l for l in proc.stderr.splitlines() if l.startswith(("[0]", "[1]")) and "Traceback" in l]
