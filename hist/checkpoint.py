@@ -3,34 +3,62 @@
 No RNG state is stored because none is needed: plans, data order and augmentation are all
 functions of (seed, rank, round/step), so resuming at round r redraws exactly what the
 uninterrupted run would have drawn.
+
+A checkpoint holds only tensors and plain types and is read with `weights_only=True`, so a
+crafted file cannot run code; anything else in it is refused with one line.
 """
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 
 import torch
 
-from .errors import HistError
+from .errors import HistError, write_failure_cause
 
 # Keys that must match between a checkpoint and the run that resumes from it.
 IDENTITY_KEYS = ("dataset", "arch", "width", "method", "subnets", "min_depth", "aggregate",
                  "local_iters", "batch_size", "seed", "world_size", "synthetic_size",
-                 "shared_precision")
+                 "shared_precision", "optimizer_state", "outer_lr", "outer_momentum",
+                 "warmup_local_sgd_epochs")
+# What every hist checkpoint holds.
+REQUIRED_KEYS = ("model", "round", "wall_s", "identity")
 
 
 def save(path: Path, state: dict) -> None:
+    """Write to a temporary name, then rename: a reader sees the old checkpoint or the new one,
+    never half of one. On failure the temporary file is removed and the old one stays."""
     path = Path(path)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # a reader sees the old checkpoint or the new one, never half of one
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch reports a failed write as RuntimeError
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        cause = write_failure_cause(path, e)
+        raise HistError(f"cannot write the checkpoint {path}: {cause}; the previous checkpoint is "
+                        f"unchanged; free space or choose a writable --checkpoint, then --resume")
 
 
 def load(path: Path, identity: dict) -> dict:
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise HistError(f"checkpoint {path} cannot be read ({type(e).__name__}); delete it to start afresh")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise HistError(f"checkpoint {path} holds something other than tensors and plain values "
+                        f"({first[:120]}); it was not written by hist-train: delete it or pass another "
+                        f"--checkpoint")
+    except Exception as e:  # truncated zip, not a zip, wrong magic: torch raises many types
+        raise HistError(f"checkpoint {path} cannot be read ({type(e).__name__}); it is damaged or "
+                        f"truncated: delete it to start afresh")
+    if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS) \
+            or not isinstance(state["identity"], dict):
+        raise HistError(f"checkpoint {path} is not a hist-train checkpoint (no model/round/identity); "
+                        f"pass the file hist-train wrote, or delete it to start afresh")
     for key in IDENTITY_KEYS:
         if state["identity"].get(key) != identity.get(key):
             raise HistError(f"checkpoint {path} was written with {key}={state['identity'].get(key)!r}, "

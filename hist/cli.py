@@ -14,8 +14,8 @@ from pathlib import Path
 
 import click
 
-from .config import AGGREGATES, METHODS, SCHEDULES, Config
-from .errors import HistError
+from .config import AGGREGATES, LR_SCALINGS, METHODS, OPTIMIZER_STATES, SCHEDULES, Config
+from .errors import CollectiveError, HistError
 from .world import world_info_from_env
 
 
@@ -36,6 +36,8 @@ def user_errors(prog: str):
             except HistError as e:
                 if debug:
                     traceback.print_exc()
+                if isinstance(e, CollectiveError) and world_info_from_env().rank != 0:
+                    sys.exit(2)  # every rank raised it together; rank 0 says it once
                 _fail(prog, str(e), 2)
             except KeyboardInterrupt:
                 _fail(prog, "interrupted", 130)
@@ -55,8 +57,20 @@ def user_errors(prog: str):
 
 # ---------------------------------------------------------------- hist-train
 
+def _apply_preset(ctx: click.Context, param, name):
+    """Eager: the preset's values become the defaults of the options parsed after it."""
+    if name:
+        from .presets import PRESETS
+        if name not in PRESETS:
+            raise click.BadParameter(f"choose one of {', '.join(PRESETS)}", ctx, param)
+        ctx.default_map = {**(ctx.default_map or {}), **PRESETS[name][1]}
+    return name
+
+
 @click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
 @click.argument("dataset")
+@click.option("--preset", is_eager=True, expose_value=False, callback=_apply_preset,
+              help="Defaults from a named preset (paper, cpu, smoke); options given here win.")
 @click.option("--data-dir", type=click.Path(path_type=str), help="Folder of the official files [default: $HIST_DATA or ~/.cache/hist/data].")
 @click.option("--synthetic-size", default=Config.synthetic_size, help="Training images of the synthetic dataset.")
 @click.option("--arch", default=Config.arch, help="preact_resnet18|34|101|152.")
@@ -67,6 +81,12 @@ def user_errors(prog: str):
 @click.option("--aggregate", default=Config.aggregate, type=click.Choice(AGGREGATES))
 @click.option("--shared-precision", default=Config.shared_precision, type=click.Choice(["fp32", "fp16"]),
               help="IST: average the shared parameters' change per round in fp16 (half the bytes).")
+@click.option("--optimizer-state", default=Config.optimizer_state, type=click.Choice(OPTIMIZER_STATES),
+              help="ist/local-sgd: restart SGD momentum every round, or average it with the weights.")
+@click.option("--outer-lr", default=Config.outer_lr, help="ist/local-sgd: outer step on the round's change (1 = plain aggregation).")
+@click.option("--outer-momentum", default=Config.outer_momentum, help="ist/local-sgd: Nesterov momentum of the outer step.")
+@click.option("--warmup-local-sgd-epochs", default=Config.warmup_local_sgd_epochs,
+              help="ist: local SGD on the full model for this many epochs first.")
 @click.option("--local-iters", default=Config.local_iters, help="Local steps per round.")
 @click.option("--epochs", default=Config.epochs, help="Passes over the training set (all ranks together).")
 @click.option("--batch-size", default=Config.batch_size, help="Batch per process.")
@@ -74,12 +94,16 @@ def user_errors(prog: str):
 @click.option("--momentum", default=Config.momentum)
 @click.option("--weight-decay", default=Config.weight_decay)
 @click.option("--schedule", default=Config.schedule, type=click.Choice(SCHEDULES))
-@click.option("--warmup-epochs", default=Config.warmup_epochs)
+@click.option("--warmup-epochs", default=Config.warmup_epochs, help="Linear warm-up from lr/10.")
+@click.option("--lr-scaling", default=Config.lr_scaling, type=click.Choice(LR_SCALINGS),
+              help="linear: peak lr x processes (pair with --warmup-epochs).")
 @click.option("--bn-batches", default=Config.bn_batches, help="Batches that recalibrate BatchNorm before evaluation.")
 @click.option("--eval-every", default=Config.eval_every, help="Rounds between evaluations (0 = at the end).")
 @click.option("--eval-batch-size", default=Config.eval_batch_size)
 @click.option("--checkpoint-every", default=Config.checkpoint_every, help="Rounds between checkpoints (0 = on signal and at the end).")
 @click.option("--checkpoint", type=click.Path(path_type=str), help="Checkpoint path [default: beside --out].")
+@click.option("--stop-signal", default=Config.stop_signal, type=click.Choice(["USR1", "USR2", "TERM"]),
+              help="Signal that checkpoints and stops at the next round end (match #SBATCH --signal); SIGTERM always does.")
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint if there is one.")
 @click.option("--seed", default=Config.seed)
 @click.option("--device", default=Config.device, type=click.Choice(["auto", "cpu", "cuda"]))
@@ -100,22 +124,26 @@ def train(dataset, **options):
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Folder for the figures [default: beside the first input].")
-@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "paper"]), default="table",
+              help="paper: the published layout (a row per method, a column per process count), Markdown.")
+@click.option("--oversubscribed-above", type=int, help="paper: mark times of runs with more processes than this as not meaningful.")
 @click.option("--target-accuracy", type=float, help="Accuracy (%) for time-to-accuracy [default: 90% of the best final accuracy].")
 @click.option("--merge", type=click.Path(path_type=Path), help="Also copy all runs into this one HDF5 file.")
 @click.option("--no-figures", is_flag=True, help="Print the table only.")
 @click.option("--latency", default=5e-6, help="Projection: seconds per message.")
 @click.option("--bandwidth", default=12.5e9, help="Projection: bytes per second per link.")
 @user_errors("hist-report")
-def report(paths, output, fmt, target_accuracy, merge, no_figures, latency, bandwidth):
+def report(paths, output, fmt, oversubscribed_above, target_accuracy, merge, no_figures, latency, bandwidth):
     """Speedup, time-to-accuracy and communication from timing files or folders of them."""
     from . import report as rep
     from .projection import Network
-    runs = rep.load_runs(paths)
+    runs = rep.load_runs(paths, skip_damaged=lambda line: click.echo(f"hist-report: {line}", err=True))
     rows, notes = rep.summarise(runs, target_accuracy)
     proj = rep.projection(runs, rows, Network(latency, bandwidth))
     if fmt == "json":
         click.echo(json.dumps(rows, indent=2))  # the table only: one object per group
+    elif fmt == "paper":
+        click.echo(rep.format_paper_table(rows, notes, oversubscribed_above))
     else:
         click.echo(rep.format_table(rows, notes))
         if proj is not None:
@@ -133,7 +161,7 @@ def report(paths, output, fmt, target_accuracy, merge, no_figures, latency, band
 
 # ---------------------------------------------------------------- hist-bench
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--quick", is_flag=True, help="Tiny sizes: a smoke test of the benchmark itself.")
 @click.option("--width", default=0.25, help="Channel multiplier of the ResNet-101 for the step timings.")
@@ -142,12 +170,70 @@ def report(paths, output, fmt, target_accuracy, merge, no_figures, latency, band
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--data-dir", type=click.Path(path_type=str), help="Folder with cifar-10-batches-py for the accuracy runs [default: $HIST_DATA].")
 @click.option("--skip-runs", is_flag=True, help="Only the in-process measurements (no hist-train runs).")
+@click.pass_context
 @user_errors("hist-bench")
-def bench(as_json, quick, width, run_width, batch_size, device, data_dir, skip_runs):
-    """Measure step-time ratios, bytes per round, speedup, sync share, pipeline and accuracy."""
+def bench(ctx, as_json, quick, width, run_width, batch_size, device, data_dir, skip_runs):
+    """Measure step-time ratios, bytes per round, speedup, sync share, pipeline and accuracy.
+
+    `hist-bench accuracy` runs the accuracy suite instead."""
+    if ctx.invoked_subcommand is not None:
+        return
     from . import bench as b
     from .launch import resolve_device
     results = b.run(quick=quick, width=width, run_width=run_width, batch_size=batch_size,
                     device=resolve_device(device, 0),
                     data_dir=data_dir, skip_runs=skip_runs)
     click.echo(json.dumps(results, indent=2) if as_json else b.format_table(results))
+
+
+def _int_list(least: int):
+    def parse(ctx, param, value: str) -> list[int]:
+        try:
+            out = [int(v) for v in value.split(",") if v.strip()]
+        except ValueError:
+            raise click.BadParameter(f"{value!r} is not a comma-separated list of integers")
+        if not out or min(out) < least:
+            raise click.BadParameter(f"{value!r}: give integers of at least {least}, comma-separated")
+        return out
+    return parse
+
+
+@bench.command("accuracy", context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
+@click.option("--dataset", default="cifar10", help="cifar10, cifar100, svhn or synthetic.")
+@click.option("--preset", default="cpu", type=click.Choice(["paper", "cpu", "smoke"]), help="Settings of every run.")
+@click.option("--out", "folder", type=click.Path(path_type=Path), help="Folder for the runs [default: runs/accuracy-<preset>-<dataset>].")
+@click.option("--processes", default="1,2", callback=_int_list(1), help="Process counts, e.g. 1,2,4,8.")
+@click.option("--methods", default="ist,local-sgd", help="Methods beyond one process: ist, local-sgd, dp.")
+@click.option("--seeds", default="0", callback=_int_list(0), help="Seeds, e.g. 0,1,2 (mean and spread in the table).")
+@click.option("--oversubscribed-above", type=int, default=None,
+              help="Mark the times of runs with more processes than this (default: the machine's cores).")
+@click.argument("train_options", nargs=-1, type=click.UNPROCESSED)
+@user_errors("hist-bench")
+def accuracy_suite(dataset, preset, folder, processes, methods, seeds, oversubscribed_above, train_options):
+    """Run one preset under every method and process count, then print the published table.
+
+    Options after `--` go to every hist-train run, e.g. `-- --data-dir ../shared/data/cifar10`.
+    A finished run is kept, an interrupted one resumed: run the same command again to continue."""
+    import os
+    from . import report as rep
+    from .config import METHODS
+    from .suite import run_suite
+    method_list = [m.strip() for m in methods.split(",") if m.strip()]
+    bad = [m for m in method_list if m not in METHODS]
+    if bad:
+        raise HistError(f"--methods: unknown {', '.join(bad)}; choose from {', '.join(METHODS)}")
+    folder = folder or Path("runs") / f"accuracy-{preset}-{dataset}"
+    paths = run_suite(dataset, preset, folder, processes, method_list, seeds, list(train_options),
+                      log=lambda m: click.echo(m, err=True))
+    runs = rep.load_runs(paths)
+    rows, notes = rep.summarise(runs)
+    limit = oversubscribed_above if oversubscribed_above is not None else os.cpu_count()
+    if any(r["world_size"] > limit for r in rows):
+        notes.append(f"runs with more than {limit} processes share {limit} cores: their accuracy counts, "
+                     f"their times do not")
+    table = rep.format_paper_table(rows, notes, limit)
+    (folder / "report.md").write_text(table + "\n")
+    (folder / "report.json").write_text(json.dumps({"rows": rows, "notes": notes}, indent=2) + "\n")
+    written = rep.draw_figures(runs, rows, folder / "report")
+    click.echo(table)
+    click.echo(f"wrote {folder / 'report.md'}, {folder / 'report.json'} and {len(written)} figures", err=True)

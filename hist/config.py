@@ -9,6 +9,8 @@ from .errors import HistError
 METHODS = ("ist", "local-sgd", "dp")
 AGGREGATES = ("copy", "average")
 SCHEDULES = ("step", "cosine")
+OPTIMIZER_STATES = ("restart", "average")
+LR_SCALINGS = ("none", "linear")
 
 
 @dataclass
@@ -23,6 +25,10 @@ class Config:
     min_depth: int = 0              # least partitioned blocks per subnetwork (extra blocks are shared and averaged)
     aggregate: str = "copy"         # copy (the owner's values) | average (mean over subnetworks that trained it)
     shared_precision: str = "fp32"  # fp32 | fp16: IST averages the shared parameters' change per round in fp16 (half the bytes)
+    optimizer_state: str = "restart"  # ist/local-sgd: restart (momentum zeroed every round) | average (aggregated with the weights)
+    outer_lr: float = 1.0           # ist/local-sgd: outer step on the round's aggregated change (DiLoCo: 0.7; 1 = plain aggregation)
+    outer_momentum: float = 0.0     # ist/local-sgd: Nesterov momentum of the outer step (DiLoCo: 0.9; 0 = none)
+    warmup_local_sgd_epochs: float = 0.0  # ist: local SGD on the full model for this many epochs before IST starts
     local_iters: int = 50           # local steps between aggregations (one round); logging granularity for dp
     epochs: float = 1.0             # passes over the training set, all ranks together
     batch_size: int = 128           # per process
@@ -31,11 +37,13 @@ class Config:
     weight_decay: float = 5e-4      # L2 on all parameters
     schedule: str = "step"          # step (/10 at 50% and 75%) | cosine
     warmup_epochs: float = 0.0      # linear warm-up from lr/10 over this many epochs
+    lr_scaling: str = "none"        # none | linear: peak lr x processes (Goyal et al.), for every method
     bn_batches: int = 8             # training batches that recalibrate BatchNorm statistics before evaluation
     eval_every: int = 0             # rounds between evaluations (0 = only at the end)
     eval_batch_size: int = 256      # evaluation batch
     checkpoint_every: int = 0       # rounds between checkpoints (0 = only on a signal)
     checkpoint: str | None = None   # checkpoint path (default: the --out file with .ckpt.pt)
+    stop_signal: str = "USR2"       # USR1 | USR2 | TERM: the time-limit warning (SIGTERM always stops too); USR2 is safe beside NCCL
     resume: bool = False            # continue from the checkpoint if it exists
     seed: int = 0                   # seeds the model, the plans, the data order and augmentation
     device: str = "auto"            # auto (the local rank's GPU if CUDA works, else CPU) | cpu | cuda
@@ -51,6 +59,12 @@ class Config:
             (self.schedule in SCHEDULES, f"--schedule {self.schedule!r}: choose step or cosine"),
             (self.shared_precision in ("fp32", "fp16"), f"--shared-precision {self.shared_precision!r}: choose fp32 or fp16"),
             (self.lr > 0, f"--lr {self.lr} must be positive"),
+            (self.optimizer_state in OPTIMIZER_STATES, f"--optimizer-state {self.optimizer_state!r}: choose restart or average"),
+            (self.lr_scaling in LR_SCALINGS, f"--lr-scaling {self.lr_scaling!r}: choose none or linear"),
+            (self.outer_lr > 0, f"--outer-lr {self.outer_lr} must be positive"),
+            (0 <= self.outer_momentum < 1, f"--outer-momentum {self.outer_momentum} must be in [0, 1)"),
+            (self.warmup_local_sgd_epochs >= 0 and self.warmup_epochs >= 0,
+             "--warmup-epochs and --warmup-local-sgd-epochs must not be negative"),
             (self.batch_size > 0, f"--batch-size {self.batch_size} must be at least 1"),
             (self.local_iters > 0, f"--local-iters {self.local_iters} must be at least 1"),
             (self.epochs > 0, f"--epochs {self.epochs} must be positive"),
@@ -61,6 +75,7 @@ class Config:
             (self.eval_every >= 0 and self.checkpoint_every >= 0, "--eval-every and --checkpoint-every must not be negative"),
             (self.synthetic_size > 0 and self.eval_batch_size > 0 and self.bn_batches >= 0,
              "--synthetic-size, --eval-batch-size must be positive and --bn-batches not negative"),
+            (self.stop_signal in ("USR1", "USR2", "TERM"), f"--stop-signal {self.stop_signal!r}: choose USR1, USR2 or TERM"),
             (self.device in ("auto", "cpu", "cuda"), f"--device {self.device!r}: choose auto, cpu or cuda"),
         ]
         for ok, message in checks:

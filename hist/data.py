@@ -77,13 +77,47 @@ class Split:
 
 # ---------------------------------------------------------------- official readers
 
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles only what the official CIFAR files hold: dicts, lists, bytes, str, ints and
+    numpy arrays. Any other global (os.system, eval, a class of someone's choosing) is refused,
+    so a crafted file in a shared data folder cannot run code."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("_codecs", "encode"),  # how Python 3 writes bytes at protocol 2 (only latin-1 is let through)
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refused to load {module}.{name}: not part of a CIFAR file")
+        if module == "numpy":
+            return getattr(np, name)
+        if module == "_codecs":
+            return _latin1_bytes
+        try:  # numpy 2 moved it; the official files name the numpy 1 path
+            from numpy._core.multiarray import _reconstruct
+        except ImportError:
+            from numpy.core.multiarray import _reconstruct
+        return _reconstruct
+
+
+def _latin1_bytes(text: str, encoding: str) -> bytes:
+    if encoding != "latin1" or not isinstance(text, str):
+        raise pickle.UnpicklingError(f"refused to encode with {encoding!r}: not part of a CIFAR file")
+    return text.encode("latin1")
+
+
 def _unpickle(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
-            return pickle.load(f, encoding="bytes")
+            return _CifarUnpickler(f, encoding="bytes").load()
     except FileNotFoundError:
         raise HistError(f"missing data file {path}")
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError) as e:
+    except pickle.UnpicklingError as e:
+        raise HistError(f"data file {path} is not an official CIFAR file ({e}); "
+                        f"delete it and download the dataset again")
+    except (EOFError, ValueError, TypeError, IndexError, AttributeError, KeyError) as e:
         raise HistError(f"corrupt or truncated data file {path} ({type(e).__name__}: {e}); "
                         f"delete it and download the dataset again")
 

@@ -17,9 +17,10 @@ import torch
 from . import checkpoint as ckpt
 from . import data as datasets
 from .config import Config
-from .errors import HistError
+from .errors import CollectiveError, HistError
 from .models import BLOCK_COUNTS, build_model
 from .plan import validate as validate_plan
+from .runlock import RunLock
 from .timings import TimingWriter
 from .train import Result, StopFlag, train
 from .world import world_info_from_env
@@ -97,18 +98,30 @@ def run_training(cfg: Config) -> Result:
     train_split, test_split = datasets.load(cfg.dataset, Path(cfg.data_dir) if cfg.data_dir else None,
                                             cfg.seed, synthetic_size=cfg.synthetic_size)
 
-    stop = StopFlag()
+    stop = StopFlag(cfg.stop_signal)
     stop.install()  # before MPI starts, so an early SIGTERM is not lost
     from .sync import Synchroniser
     on_cpu = device.type == "cpu"
     sync = Synchroniser(subnets, cycle_time_ms=50 if on_cpu else None, yield_when_idle=on_cpu)
     options_digest = hashlib.sha256(json.dumps(cfg.as_dict(), sort_keys=True).encode()).digest()
     sync.check_same(int.from_bytes(options_digest[:7], "little"), "options")
+    # Rank 0 owns the output files; every rank learns whether another run holds them.
+    lock, lock_error = None, None
+    if sync.rank == 0:
+        try:
+            lock = RunLock([out, checkpoint_path])
+        except HistError as e:
+            lock_error = e
+    if sync.any_over_world(lock_error is not None):
+        raise CollectiveError(str(lock_error) if lock_error else "another run holds the output files")
     identity = {**{k: getattr(cfg, k) for k in ckpt.IDENTITY_KEYS if hasattr(cfg, k)},
                 "subnets": subnets, "world_size": sync.size}
     resume_state = None
     if cfg.resume and checkpoint_path.is_file():
-        resume_state = ckpt.load(checkpoint_path, identity)
+        try:  # every rank reads the same file and fails the same way: say it once
+            resume_state = ckpt.load(checkpoint_path, identity)
+        except HistError as e:
+            raise CollectiveError(str(e)) from None
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.arch, datasets.NUM_CLASSES[cfg.dataset], cfg.width).to(device)
@@ -117,7 +130,7 @@ def run_training(cfg: Config) -> Result:
     test_data = datasets.DeviceLoader(test_split, cfg.dataset, cfg.eval_batch_size, device, cfg.seed,
                                       augment=False)
     hosts = sync.world.allgather(world.host)
-    recorder = None
+    recorder, start_error = None, None
     if sync.rank == 0:
         meta = {"method": cfg.method if sync.size > 1 else "single", "dataset": cfg.dataset,
                 "arch": cfg.arch, "width": cfg.width, "world_size": sync.size, "subnets": subnets,
@@ -125,7 +138,12 @@ def run_training(cfg: Config) -> Result:
                 "versions": versions(sync, device), "config": cfg.as_dict(),
                 "train_images": len(train_data), "test_images": len(test_data),
                 "steps_per_epoch": train_data.steps_per_epoch}
-        recorder = TimingWriter(out, meta, sync.size, resume_state["round"] if resume_state else 0)
+        try:
+            recorder = TimingWriter(out, meta, sync.size, resume_state["round"] if resume_state else 0)
+        except HistError as e:
+            start_error = e
+    if sync.any_over_world(start_error is not None):
+        raise CollectiveError(str(start_error) if start_error else "rank 0 could not create the timing file")
     log = print if sync.rank == 0 else (lambda *a, **k: None)
     log(f"hist-train {cfg.method} on {cfg.dataset}: {sync.size} process(es), {subnets} subnetwork(s), "
         f"{cfg.arch} width {cfg.width}, device {device}, timings -> {out}")
@@ -133,6 +151,8 @@ def run_training(cfg: Config) -> Result:
                    resume_state, identity)
     if recorder is not None:
         recorder.finish("interrupted" if result.stopped_early else "completed", result.wall_s)
+    if lock is not None:
+        lock.release()
     if not result.stopped_early:
         log(f"final test accuracy {result.final_accuracy:.2f}% test loss {result.final_loss:.4f} "
             f"wall {result.wall_s:.1f}s")

@@ -22,6 +22,9 @@ from .models import build_model, conv_flops, shared_and_partitioned
 from .plan import make_plan
 
 METHODS = ("ist", "local-sgd", "dp")
+# The largest global batch at which the published accuracy holds: ResIST reports up to 8
+# machines with 128 images each (Dun et al., 2022).
+PUBLISHED_GLOBAL_BATCH = 8 * 128
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,18 @@ def epoch_seconds(method: str, n_gpus: int, w: Workload, net: Network) -> float:
     # each subnetwork's blocks go to one other subnetwork on average: per rank ~1/S of the blocks
     blocks = net.send(sum(w.block_bytes) * (s - 1) / s / s)
     return steps * step + rounds * (net.allreduce(w.shared_bytes, n_gpus) + blocks)
+
+
+def caveats(n_gpus: int, w: Workload) -> list[str]:
+    """Why the projection at `n_gpus` is not a claim about accuracy: an epoch too short for one
+    round per GPU, or a global batch beyond the published ones."""
+    out = []
+    steps = w.images / (n_gpus * w.batch)
+    if steps < w.local_iters:
+        out.append(f"{steps:.1f} steps per GPU per epoch, fewer than one round of {w.local_iters}")
+    if n_gpus * w.batch > PUBLISHED_GLOBAL_BATCH:
+        out.append(f"global batch {n_gpus * w.batch} beyond the published {PUBLISHED_GLOBAL_BATCH}")
+    return out
 
 
 def project(w: Workload, net: Network, gpus=tuple(2 ** i for i in range(11))) -> dict:

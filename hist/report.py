@@ -14,14 +14,18 @@ import h5py
 import numpy as np
 
 from .errors import HistError
-from .timings import SCHEMA, Run, read_run
+from .timings import SCHEMA, Run, isolated, read_checked
 
-COLUMNS = ("dataset", "arch", "method", "world_size", "runs", "epochs", "seconds_per_epoch",
-           "speedup", "time_to_target_s", "speedup_to_target", "final_accuracy",
+COLUMNS = ("dataset", "arch", "method", "world_size", "runs", "epochs", "seconds_per_epoch", "wall_s",
+           "speedup", "speedup_vs_local_sgd", "time_to_target_s", "speedup_to_target", "final_accuracy",
+           "final_accuracy_std", "target_accuracy",
            "compute_s_per_round", "data_s_per_round", "sync_s_per_round", "bytes_per_round", "baseline")
 
 
-def load_runs(paths) -> list[Run]:
+def load_runs(paths, skip_damaged=None) -> list[Run]:
+    """Every run in the files and folders given. With `skip_damaged` (a function taking one
+    line), a damaged or foreign file is reported there and left out, and the others are read;
+    without it, the first bad file raises."""
     files = []
     for p in map(Path, paths):
         if p.is_dir():
@@ -33,17 +37,33 @@ def load_runs(paths) -> list[Run]:
             files.append(p)
         else:
             raise HistError(f"{p} does not exist; pass a timing file or a folder of them")
-    runs = []
+    runs, bad = [], []
     for f in files:
-        runs += _read_merged(f) if _is_merged(f) else [read_run(f)]
+        try:
+            runs += isolated(_read_file, f)
+        except HistError as e:
+            if skip_damaged is None:
+                raise
+            bad.append(e)
+    if not runs and len(bad) == 1:
+        raise bad[0]
+    for e in bad:
+        skip_damaged(f"skipped: {e}")
+    if not runs:
+        raise HistError(f"none of the {len(files)} file(s) could be read; pass files hist-train wrote")
     return runs
+
+
+def _read_file(path: Path) -> list[Run]:
+    """The runs of one file: a merged file holds several."""
+    return _read_merged(path) if _is_merged(path) else [read_checked(path)]
 
 
 def _is_merged(path: Path) -> bool:
     try:
         with h5py.File(path, "r") as f:
             return f.attrs.get("schema") == SCHEMA + "-merged"
-    except OSError:
+    except Exception:
         return False
 
 
@@ -58,7 +78,7 @@ def _read_merged(path: Path) -> list[Run]:
                     out.attrs[k] = v
                 for g in ("rounds", "evals"):
                     f.copy(f["runs"][name][g], out, g)
-            run = read_run(part)
+            run = read_checked(part)
             run.path = Path(f"{path}:{name}")
             runs.append(run)
     return runs
@@ -92,6 +112,7 @@ def _run_figures(run: Run, target: float | None) -> dict:
     return {
         "epochs": epochs,
         "seconds_per_epoch": wall / epochs if epochs else float("nan"),
+        "wall_s": wall,
         "time_to_target_s": reached[0] if reached else None,
         "final_accuracy": float(e["test_accuracy"][-1]) if len(e["test_accuracy"]) else None,
         "compute_s_per_round": float(r["compute_s"].mean()) if len(r["compute_s"]) else 0.0,
@@ -112,10 +133,9 @@ def summarise(runs: list[Run], target_accuracy: float | None = None) -> tuple[li
         raise HistError("no runs to report")
     notes = []
     if target_accuracy is None:
-        finals = [float(r.evals["test_accuracy"][-1]) for r in runs if len(r.evals["test_accuracy"])]
-        target_accuracy = 0.9 * max(finals) if finals else None
+        target_accuracy, why = default_target(runs)
         if target_accuracy is not None:
-            notes.append(f"time to target: target accuracy {target_accuracy:.2f}% (90% of the best final accuracy)")
+            notes.append(f"time to target: target accuracy {target_accuracy:.2f}% ({why})")
     groups = defaultdict(list)
     for run in runs:
         groups[_key(run)].append(_run_figures(run, target_accuracy))
@@ -126,6 +146,9 @@ def summarise(runs: list[Run], target_accuracy: float | None = None) -> tuple[li
                "runs": len(figs)}
         for name in figs[0]:
             row[name] = _mean([f[name] for f in figs])
+        finals = [f["final_accuracy"] for f in figs if f["final_accuracy"] is not None]
+        row["final_accuracy_std"] = float(np.std(finals, ddof=1)) if len(finals) > 1 else None
+        row["target_accuracy"] = target_accuracy
         rows.append(row)
     for row in rows:
         model = [x for x in rows if (x["dataset"], x["arch"], x["width"]) == (row["dataset"], row["arch"], row["width"])]
@@ -143,7 +166,51 @@ def summarise(runs: list[Run], target_accuracy: float | None = None) -> tuple[li
         row["speedup"] = base["seconds_per_epoch"] / row["seconds_per_epoch"]
         tb, tr = base["time_to_target_s"], row["time_to_target_s"]
         row["speedup_to_target"] = tb / tr if tb and tr else None
+        local = [x for x in model if x["method"] == "local-sgd" and x["world_size"] == row["world_size"]]
+        row["speedup_vs_local_sgd"] = (local[0]["seconds_per_epoch"] / row["seconds_per_epoch"]
+                                       if local and row["world_size"] > 1 else None)
     return rows, notes
+
+
+def default_target(runs: list[Run]) -> tuple[float | None, str]:
+    """The single process's final accuracy minus one point (the claim: the accuracy of one GPU,
+    sooner); without a one-process run, 90% of the best final accuracy."""
+    def finals(rs):
+        return [float(r.evals["test_accuracy"][-1]) for r in rs if len(r.evals["test_accuracy"])]
+    singles = finals([r for r in runs if int(r.attrs["world_size"]) == 1])
+    if singles:
+        return float(np.mean(singles)) - 1.0, "the one-process run's final accuracy minus 1 point"
+    best = finals(runs)
+    return (0.9 * max(best), "90% of the best final accuracy") if best else (None, "")
+
+
+def format_paper_table(rows: list[dict], notes: list[str], oversubscribed_above: int | None = None) -> str:
+    """The published layout in Markdown: a row per method, a column per process count; each cell
+    holds accuracy (mean ± spread over seeds), wall time, bytes per round, speedup over one
+    process and over local SGD, and time to the target accuracy."""
+    worlds = sorted({r["world_size"] for r in rows})
+    order = ["single", "ist", "local-sgd", "dp"]
+    methods = sorted({r["method"] for r in rows}, key=lambda m: (order.index(m) if m in order else 9, m))
+    cell = {(r["method"], r["world_size"]): r for r in rows}
+
+    def fmt(r: dict) -> str:
+        acc = "-" if r["final_accuracy"] is None else f"{r['final_accuracy']:.2f}%"
+        if r["final_accuracy_std"] is not None:
+            acc += f" ± {r['final_accuracy_std']:.2f} (n={r['runs']})"
+        parts = [acc, f"{r['wall_s']:.0f} s", f"{r['bytes_per_round'] / 1e6:.2f} MB/round"]
+        if r["world_size"] > 1:
+            vs_local = "" if r["speedup_vs_local_sgd"] is None else f", {r['speedup_vs_local_sgd']:.2f}x local SGD"
+            parts.append(f"{r['speedup']:.2f}x single{vs_local}")
+        parts.append("target " + ("not reached" if r["time_to_target_s"] is None else f"at {r['time_to_target_s']:.0f} s"))
+        if oversubscribed_above and r["world_size"] > oversubscribed_above:
+            parts.append("oversubscribed: time not meaningful")
+        return "<br>".join(parts)
+
+    head = "| method | " + " | ".join(f"{w} process{'es' if w > 1 else ''}" for w in worlds) + " |"
+    lines = [head, "|" + " --- |" * (len(worlds) + 1)]
+    for m in methods:
+        lines.append(f"| {m} | " + " | ".join(fmt(cell[(m, w)]) if (m, w) in cell else "" for w in worlds) + " |")
+    return "\n".join(lines + [""] + [f"note: {n}" for n in notes])
 
 
 def format_table(rows: list[dict], notes: list[str]) -> str:
@@ -197,8 +264,9 @@ def draw_figures(runs: list[Run], rows: list[dict], out: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(6, 4))
     for run in runs:
         if len(run.evals["wall_s"]):
+            seed = run.config.get("seed")
             ax.plot(run.evals["wall_s"], run.evals["test_accuracy"], marker=".",
-                    label=f"{run.attrs['method']} np{run.attrs['world_size']}")
+                    label=f"{run.attrs['method']} np{run.attrs['world_size']}" + (f" seed {seed}" if seed else ""))
     ax.set(xlabel="wall-clock time (s)", ylabel="test accuracy (%)", title="Accuracy against time")
     ax.legend(fontsize=8)
     save(fig, "accuracy_vs_time")
@@ -228,7 +296,7 @@ def draw_figures(runs: list[Run], rows: list[dict], out: Path) -> list[Path]:
 def projection(runs: list[Run], rows: list[dict], net) -> dict | None:
     """Projected speedups from the first one-process run's measured step time, with the
     measured speedups beside the projected ones at the world sizes that were run."""
-    from .projection import project, workload_from_run
+    from .projection import caveats, project, workload_from_run
     singles = [r for r in runs if int(r.attrs["world_size"]) == 1]
     w = workload_from_run(singles[0]) if singles else None
     if w is None:
@@ -238,7 +306,8 @@ def projection(runs: list[Run], rows: list[dict], net) -> dict | None:
               "projected": curves[r["method"]].get(r["world_size"])}
              for r in rows if r["method"] in curves and r["world_size"] > 1]
     return {"latency_s": net.latency_s, "bandwidth_Bps": net.bandwidth_Bps, "step_s": w.step_s,
-            "speedup": {m: {str(n): v for n, v in c.items()} for m, c in curves.items()}, "check": check}
+            "speedup": {m: {str(n): v for n, v in c.items()} for m, c in curves.items()}, "check": check,
+            "caveats": {str(n): caveats(n, w) for n in curves["ist"] if caveats(n, w)}}
 
 
 def format_projection(p: dict) -> str:
@@ -246,8 +315,13 @@ def format_projection(p: dict) -> str:
              f"bandwidth {p['bandwidth_Bps']:.3g} B/s):"]
     ns = list(p["speedup"]["ist"])
     lines.append("  GPUs       " + " ".join(f"{n:>7s}" for n in ns))
+    marked = p.get("caveats", {})
     for m, c in p["speedup"].items():
-        lines.append(f"  {m:10s} " + " ".join(f"{c[n]:7.2f}" for n in ns))
+        lines.append(f"  {m:10s} " + " ".join(f"{c[n]:6.2f}{'*' if n in marked else ' '}" for n in ns))
+    if marked:
+        first = min(marked, key=int)
+        lines.append(f"  * time only, not accuracy: from {first} GPUs, {'; '.join(marked[first])}"
+                     + (f" (at {max(marked, key=int)}: {'; '.join(marked[max(marked, key=int)])})" if len(marked) > 1 else ""))
     for c in p["check"]:
         proj = "-" if c["projected"] is None else f"{c['projected']:.2f}"
         lines.append(f"  check {c['method']} np{c['world_size']}: measured {c['measured']:.2f}x, projected {proj}x")
@@ -260,14 +334,21 @@ def draw_projection(p: dict, rows: list[dict], out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
     out.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(6, 4.5))
+    marked = p.get("caveats", {})
     for m, curve in p["speedup"].items():
-        ns = [int(n) for n in curve]
-        line, = ax.plot(ns, list(curve.values()), label=f"{m} (projected)")
+        ok = [(int(n), v) for n, v in curve.items() if n not in marked]
+        beyond = [(int(n), v) for n, v in curve.items() if n in marked]
+        line, = ax.plot(*zip(*ok), label=f"{m} (projected)")
+        if beyond:  # past the data or the published batch sizes: dotted, hollow
+            ax.plot(*zip(*([ok[-1]] + beyond)), ":", marker="o", fillstyle="none", color=line.get_color())
         pts = [(r["world_size"], r["speedup"]) for r in rows if r["method"] == m and r["world_size"] > 1]
         if pts:
             ax.plot(*zip(*pts), "o", color=line.get_color(), label=f"{m} (measured)")
     ns = [int(n) for n in p["speedup"]["ist"]]
     ax.plot(ns, ns, "k--", label="linear")
+    if marked:
+        ax.plot([], [], "k:", marker="o", fillstyle="none",
+                label=f"from {min(marked, key=int)} GPUs: time only (epoch or batch beyond the data)")
     ax.set(xscale="log", yscale="log", xlabel="GPUs", ylabel="speedup over one GPU",
            title=f"Projected speedup (latency {p['latency_s']:g} s, {p['bandwidth_Bps'] / 1e9:g} GB/s)")
     ax.legend(fontsize=8)

@@ -226,10 +226,16 @@ class Synchroniser:
         return comm
 
     def sync_blocks(self, block_params: list[list[torch.Tensor]], plan: Plan,
-                    next_plan: Plan | None, aggregate: str) -> None:
-        """Move each block's aggregate to the ranks that train it in `next_plan` (all if None)."""
+                    next_plan: Plan | None, aggregate: str,
+                    kinds: tuple[str, ...] = ("allreduce", "bcast")) -> None:
+        """Move each block's aggregate to the ranks that train it in `next_plan` (all if None).
+
+        `block_params[b]` is every tensor that travels with block b (its parameters, and any
+        optimizer state aggregated with them). `kinds` runs only the averaging among holders
+        ("allreduce") or only the delivery ("bcast"), so that a step can sit between them.
+        """
         for op in schedule_blocks(plan, next_plan, self.ranks_per_subnet, aggregate):
-            if self.rank not in op.ranks:
+            if self.rank not in op.ranks or op.kind not in kinds:
                 continue
             tensors = [p for b in op.blocks for p in block_params[b]]
             device = tensors[0].device
@@ -254,6 +260,10 @@ class Synchroniser:
             odd = [r for r, v in enumerate(values) if v != values[0]]
             raise HistError(f"ranks disagree on the {what} (ranks {odd} differ from rank 0); "
                             f"all ranks must run the same hist version with the same options")
+
+    def any_over_world(self, flag: bool) -> bool:
+        """True on every rank if `flag` is true on any (MPI: no Horovod cycle to wait for)."""
+        return bool(self.world.allreduce(bool(flag), op=self.MPI.LOR)) if self.size > 1 else bool(flag)
 
     def gather(self, obj):
         """Rank 0 gets a list of every rank's `obj`; the others get None."""

@@ -6,7 +6,12 @@ the README; `read_run` is the one reader the report uses.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import pickle
+import select
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +19,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .errors import HistError
+from .errors import HistError, write_failure_cause
 
 SCHEMA = "hist-timings"
 SCHEMA_VERSION = 1
@@ -67,6 +72,11 @@ class TimingWriter:
                 f.attrs["resumed_at_round"] = np.append(f.attrs.get("resumed_at_round", []), start_round)
             return
         tmp = self.path.with_name(self.path.name + ".tmp")
+        with self._failing_write(tmp):
+            self._create_file(tmp, meta, world_size)
+            tmp.replace(self.path)
+
+    def _create_file(self, tmp: Path, meta: dict, world_size: int) -> None:
         with h5py.File(tmp, "w") as f:
             f.attrs["schema"], f.attrs["schema_version"] = SCHEMA, SCHEMA_VERSION
             for k, v in meta.items():
@@ -80,10 +90,24 @@ class TimingWriter:
                 _create(rounds, name, dtype, None, unit, doc)
             for name, (dtype, unit, doc) in EVAL_COLUMNS.items():
                 _create(evals, name, dtype, None, unit, doc)
-        tmp.replace(self.path)
 
-    def _open(self, mode: str) -> h5py.File:
-        return h5py.File(self.path, mode)
+    @contextlib.contextmanager
+    def _failing_write(self, tmp: Path | None = None):
+        """A failed write (full disk, quota, a file system gone read-only) becomes one line
+        naming the file and the cause; a temporary file is not left behind."""
+        try:
+            yield
+        except (OSError, RuntimeError, KeyError) as e:
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+            raise HistError(f"cannot write the timing file {self.path}: {write_failure_cause(self.path, e)}; "
+                            f"the rounds written so far are kept; free space or choose another --out")
+
+    @contextlib.contextmanager
+    def _open(self, mode: str):
+        with self._failing_write(), h5py.File(self.path, mode) as f:
+            yield f
 
     @staticmethod
     def _truncate(f: h5py.File, start_round: int) -> None:
@@ -139,22 +163,95 @@ class Run:
         return json.loads(self.attrs.get("config", "{}"))
 
 
-def read_run(path) -> Run:
-    path = Path(path)
-    if not path.exists():
-        raise HistError(f"{path} does not exist; pass a timing file or a folder of them")
+# Attributes the report needs, with the type it needs them in.
+REQUIRED_ATTRS = {"method": str, "dataset": str, "arch": str, "world_size": int}
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:160]
+
+
+def read_checked(path: Path) -> Run:
+    """Read and check one file; anything wrong with it is a HistError naming the file."""
     try:
         f = h5py.File(path, "r")
     except OSError as e:
-        raise HistError(f"{path} is not a readable HDF5 file ({e}); pass a file hist-train wrote")
-    with f:
-        _check_schema(f, path)
-        attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
-        rounds = {k: f["rounds"][k][:] for k in f["rounds"]}
-        evals = {k: f["evals"][k][:] for k in f["evals"]}
+        raise HistError(f"{path} is not a readable HDF5 file ({_first_line(e)}); pass a file hist-train wrote")
+    try:
+        with f:
+            _check_schema(f, path)
+            attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+            rounds = {k: f["rounds"][k][:] for k in (*RANK_COLUMNS, *ROUND_COLUMNS)}
+            evals = {k: f["evals"][k][:] for k in EVAL_COLUMNS}
+        for name, kind in REQUIRED_ATTRS.items():
+            attrs[name] = kind(attrs[name])
+        attrs["width"] = float(attrs.get("width", 1.0))
+        world = attrs["world_size"]
+        if world < 1 or any(rounds[k].ndim != 2 or rounds[k].shape[1] != world for k in RANK_COLUMNS) \
+                or any(v.ndim != 1 for v in (*evals.values(), *(rounds[k] for k in ROUND_COLUMNS))):
+            raise ValueError(f"columns do not match world_size {world}")
+        if not isinstance(json.loads(attrs.get("config", "{}")), dict):
+            raise ValueError("the config attribute is not a JSON object")
+    except HistError:
+        raise
+    except Exception as e:  # a flipped bit or a cut can surface as almost any error
+        raise HistError(f"{path} is damaged ({type(e).__name__}: {_first_line(e)}); it was cut short "
+                        f"or altered: leave it out or run it again")
     # A run killed mid-write may leave columns one row apart: keep the complete rows.
     n = min(len(v) for v in rounds.values())
     rounds = {k: v[:n] for k, v in rounds.items()}
     m = min(len(v) for v in evals.values())
     evals = {k: v[:m] for k, v in evals.items()}
     return Run(path, attrs, rounds, evals)
+
+
+def read_run(path, timeout_s: float = 60.0) -> Run:
+    """Read one timing file, isolated (see `isolated`)."""
+    return isolated(read_checked, path, timeout_s)
+
+
+def isolated(reader, path, timeout_s: float = 60.0):
+    """`reader(path)` in a forked child: a damaged file that crashes or hangs the HDF5 library
+    ends the child, never the caller, and costs at most `timeout_s`. HistError passes through."""
+    path = Path(path)
+    if not path.exists():
+        raise HistError(f"{path} does not exist; pass a timing file or a folder of them")
+    if not hasattr(os, "fork"):
+        return reader(path)
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: read, send the result, leave without running any cleanup
+        os.close(rfd)
+        try:
+            try:
+                payload = pickle.dumps(("ok", reader(path)))
+            except HistError as e:
+                payload = pickle.dumps(("error", str(e)))
+            except BaseException as e:
+                payload = pickle.dumps(("error", f"{path} could not be read ({type(e).__name__})"))
+            with os.fdopen(wfd, "wb") as out:
+                out.write(payload)
+        finally:
+            os._exit(0)
+    os.close(wfd)
+    data, deadline = bytearray(), time.monotonic() + timeout_s
+    with os.fdopen(rfd, "rb", buffering=0) as inp:
+        while True:
+            ready, _, _ = select.select([inp], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                raise HistError(f"{path} could not be read within {timeout_s:.0f} s; it is damaged: leave it out")
+            chunk = inp.read(1 << 20)
+            if not chunk:
+                break
+            data += chunk
+    _, status = os.waitpid(pid, 0)
+    if not data:
+        how = f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status) else f"exit {os.WEXITSTATUS(status)}"
+        raise HistError(f"{path} is damaged: reading it crashed the HDF5 library ({how}); leave it out")
+    kind, value = pickle.loads(bytes(data))  # from our own child, never from the file
+    if kind == "error":
+        raise HistError(value)
+    return value

@@ -30,3 +30,13 @@ def test_resnet101_projection_orders_the_methods():
     assert all(curves[m][1] == pytest.approx(1.0) for m in curves)
     assert curves["ist"][8] > 8 > curves["local-sgd"][8] > curves["dp"][8]  # more than linear for IST
     assert set(curves["ist"]) == {2 ** i for i in range(11)}
+
+
+def test_points_beyond_the_data_or_the_published_batch_are_marked():
+    from hist.projection import caveats
+    w = workload_for("preact_resnet101", 10, 0.0625, step_s=0.1, images=50000, batch=128, local_iters=50)
+    assert caveats(4, w) == []  # 97.7 steps a GPU, global batch 512
+    assert caveats(8, w) == ["48.8 steps per GPU per epoch, fewer than one round of 50"]
+    assert caveats(16, w)[0].startswith("24.4 steps per GPU per epoch")
+    assert "global batch 2048 beyond the published 1024" in caveats(16, w)[1]
+    assert len(caveats(1024, w)) == 2

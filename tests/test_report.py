@@ -124,3 +124,30 @@ def test_bad_inputs_give_one_line(tmp_path, case):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("hist-report: error") and str(target) in lines[0]
     assert "Traceback" not in proc.stderr
+
+
+def test_default_target_is_the_single_runs_accuracy_minus_one_point(runs_dir):
+    rows, notes = summarise(load_runs([runs_dir]))
+    assert all(r["target_accuracy"] == pytest.approx(79.0) for r in rows)
+    assert any("minus 1 point" in n for n in notes)
+
+
+def test_paper_table_has_a_row_per_method_and_a_column_per_process_count(runs_dir):
+    from hist.report import format_paper_table
+    write_run(runs_dir / "local2.h5", "local-sgd", 2, 1.5, accs=(45.0, 78.0))
+    write_run(runs_dir / "ist2-seed1.h5", "ist", 2, 1.0, accs=(50.0, 76.0), sent=300)
+    rows, notes = summarise(load_runs([runs_dir]), target_accuracy=75.0)
+    ist = next(r for r in rows if r["method"] == "ist")
+    assert ist["runs"] == 2 and ist["final_accuracy"] == pytest.approx(78.0)
+    assert ist["final_accuracy_std"] == pytest.approx(2 ** 0.5 * 2)  # 80 and 76
+    assert ist["speedup_vs_local_sgd"] == pytest.approx(1.5) and ist["wall_s"] == pytest.approx(4.0)
+    table = format_paper_table(rows, notes)
+    lines = table.splitlines()
+    assert lines[0] == "| method | 1 process | 2 processes |"
+    assert [l.split("|")[1].strip() for l in lines[2:6]] == ["single", "ist", "local-sgd", "dp"]
+    ist_line = lines[3]
+    assert "78.00% ± 2.83 (n=2)" in ist_line and "4.00x single" in ist_line and "1.50x local SGD" in ist_line
+    assert "0.00 MB/round" in ist_line and "target at 4 s" in ist_line
+    proc = subprocess.run([BIN / "hist-report", runs_dir, "--format", "paper", "--no-figures"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.startswith("| method |"), proc.stderr

@@ -53,7 +53,7 @@ def test_templates_have_the_lines_hpc_users_expect():
     for n in (2, 4, 8):
         text = (ROOT / "slurm" / f"ist_{n}gpu.sbatch").read_text()
         for line in (f"#SBATCH --ntasks-per-node={n}", f"#SBATCH --gres=gpu:{n}", "#SBATCH --output=%x-%j.out",
-                     "#SBATCH --signal=USR1@", "#SBATCH --requeue", "#SBATCH --time=", "#SBATCH --cpus-per-task=",
+                     "#SBATCH --signal=USR2@", "#SBATCH --requeue", "#SBATCH --time=", "#SBATCH --cpus-per-task=",
                      "set -euo pipefail", "# EDIT"):
             assert line in text, (n, line)
 
@@ -94,16 +94,21 @@ def test_the_three_templates_complete_on_a_real_slurm(slurm, tmp_path, cifar_sam
             assert f.attrs["status"] == "completed" and len(f["evals/test_accuracy"]) >= 1
 
 
-def test_time_limit_signal_checkpoints_requeues_and_resumes(slurm, tmp_path, cifar_sample):
-    job = slurm.sbatch("--cpus-per-task=1", f"--output={tmp_path}/%x-%j.out", "slurm/ist_2gpu.sbatch",
-                       "--epochs", "3", "--checkpoint-every", "3", *TINY, cwd=ROOT, env=job_env(tmp_path))
+@pytest.mark.parametrize("sig", ["USR2", "USR1"])
+def test_time_limit_signal_checkpoints_requeues_and_resumes(slurm, tmp_path, cifar_sample, sig):
+    """USR2 is the templates' default (safe beside NCCL); USR1 is chosen by HIST_STOP_SIGNAL
+    together with sbatch --signal, as the README says."""
+    override = [] if sig == "USR2" else [f"--signal={sig}@300"]
+    job = slurm.sbatch("--cpus-per-task=1", f"--output={tmp_path}/%x-%j.out", *override, "slurm/ist_2gpu.sbatch",
+                       "--epochs", "3", "--checkpoint-every", "3", *TINY, cwd=ROOT,
+                       env=job_env(tmp_path, **({} if sig == "USR2" else {"HIST_STOP_SIGNAL": sig})))
     ckpt = tmp_path / f"ist-cifar10-np2-{job}.ckpt.pt"
     deadline = time.time() + 300
     while not ckpt.exists():
         assert time.time() < deadline and slurm.job(job)["JobState"] in ("PENDING", "RUNNING"), slurm.job(job)
         time.sleep(0.5)
-    # what --signal=USR1@300 does before the time limit: USR1 to every task of the job's steps
-    slurm.cmd("scancel", "--signal=USR1", job)
+    # what --signal=SIG@300 does before the time limit: SIG to every task of the job's steps
+    slurm.cmd("scancel", f"--signal={sig}", job)
     info = slurm.wait(job, 600)
     log = (tmp_path / f"hist-2gpu-{job}.out").read_text()
     assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) >= 1, (info, log)

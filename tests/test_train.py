@@ -90,7 +90,7 @@ def test_killed_run_resumes_to_the_uninterrupted_model(tmp_path, how):
     ref = tmp_path / "ref.h5"
     horovodrun(2, BIN / "hist-train", "synthetic", "--epochs", "6", *TINY, "--checkpoint-every", "2", "--out", ref)
     out = tmp_path / "cut.h5"
-    proc = _spawn([], out)
+    proc = _spawn(["--stop-signal", "USR1"] if how == "sigusr1" else [], out)  # USR2 is the default
     _wait_for(out.with_suffix(".ckpt.pt"), proc)
     if how == "sigkill":
         os.killpg(proc.pid, signal.SIGKILL)
@@ -111,6 +111,44 @@ def test_killed_run_resumes_to_the_uninterrupted_model(tmp_path, how):
     a, b = final_model(ref.with_suffix(".ckpt.pt")), final_model(out.with_suffix(".ckpt.pt"))
     assert all(torch.equal(a[k], b[k]) for k in a if not k.endswith("num_batches_tracked"))
     assert np.array_equal(rounds(ref)[0]["loss"], r["loss"])
+
+
+# Every option of the accuracy work at once: state that must survive a kill exactly.
+ACCURACY_OPTIONS = ["--optimizer-state", "average", "--outer-lr", "0.7", "--outer-momentum", "0.9",
+                    "--warmup-local-sgd-epochs", "1", "--lr-scaling", "linear", "--warmup-epochs", "1"]
+
+
+@pytest.mark.parametrize("method", ["ist", "local-sgd"])
+def test_resume_is_exact_with_momentum_outer_step_and_warmups(tmp_path, method):
+    common = ["--epochs", "6", *TINY, "--checkpoint-every", "2", "--method", method, *ACCURACY_OPTIONS]
+    ref = tmp_path / "ref.h5"
+    horovodrun(2, BIN / "hist-train", "synthetic", *common, "--out", ref)
+    out = tmp_path / "cut.h5"
+    proc = _spawn(["--method", method, *ACCURACY_OPTIONS], out)
+    _wait_for(out.with_suffix(".ckpt.pt"), proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(60)
+    horovodrun(2, BIN / "hist-train", "synthetic", *common, "--out", out, "--resume")
+    a = torch.load(ref.with_suffix(".ckpt.pt"), map_location="cpu", weights_only=True)
+    b = torch.load(out.with_suffix(".ckpt.pt"), map_location="cpu", weights_only=True)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"] if not k.endswith("num_batches_tracked"))
+    assert a["optimizer"] is not None  # momentum is aggregated, so it is global state and saved
+    moms = [(x["momentum_buffer"], y["momentum_buffer"]) for x, y in
+            zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values())]
+    assert moms and all(torch.equal(x, y) for x, y in moms)
+    assert all(torch.equal(x, y) for x, y in zip(a["method"]["outer_momentum"], b["method"]["outer_momentum"]))
+    assert np.array_equal(rounds(ref)[0]["loss"], rounds(out)[0]["loss"])
+
+
+def test_local_sgd_warmup_rounds_train_and_send_the_full_model(tmp_path):
+    out = tmp_path / "w.h5"
+    horovodrun(2, BIN / "hist-train", "synthetic", "--epochs", "4", *TINY, "--warmup-local-sgd-epochs", "2",
+               "--out", out)
+    r, _, attrs = rounds(out)
+    sent = r["bytes_sent"].sum(axis=1)
+    # 8 steps an epoch, rounds of 4: four rounds of local SGD (the whole model averaged), then
+    # IST (shared parameters and the blocks the next plan needs); the last round syncs everything
+    assert len(sent) == 8 and len(set(sent[:4])) == 1 and max(sent[4:7]) < sent[0]
 
 
 def _rank_pids(out):

@@ -1,11 +1,15 @@
 """Run under horovodrun or mpirun: one real IST round through hist's own classes, checked.
 
-Arguments: SUBNETS AGGREGATE MIN_DEPTH [SHARED_PRECISION]. Each rank trains on its own random data, then:
+Arguments: SUBNETS AGGREGATE MIN_DEPTH [SHARED_PRECISION [OPTIMIZER_STATE [OUTER]]], OUTER being
+"plain" or "nesterov" (outer lr 0.7, momentum 0.9). Each rank trains on its own random data, then:
 - exactly the blocks the plan gave its subnetwork (and all shared parameters) changed;
 - ranks of one subnetwork hold identical parameters (gradients averaged on the process set);
 - after a round synchronised towards the next plan, every rank that trains a block next
   holds exactly the expected aggregate (copy: the owner's values; average: the holders' mean);
-- after a full synchronisation every rank holds the identical global model.
+  (with the outer step in round 0: start - 0.7 * 1.9 * (start - aggregate), the outer momentum
+  starting at zero);
+- after a full synchronisation every rank holds the identical global model, and with
+  `average` the identical momentum buffers.
 Prints OK on success.
 """
 import sys
@@ -20,10 +24,14 @@ from hist.train import IST
 
 subnets, aggregate, min_depth = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 precision = sys.argv[4] if len(sys.argv) > 4 else "fp32"
+opt_state = sys.argv[5] if len(sys.argv) > 5 else "restart"
+outer = (sys.argv[6] if len(sys.argv) > 6 else "plain") == "nesterov"
+OUTER_FACTOR = 0.7 * 1.9  # first round: Nesterov with a zero buffer steps lr * (1 + momentum) * change
 torch.set_num_threads(1)
 sync = Synchroniser(subnets)
 cfg = Config(arch="preact_resnet34", width=0.0625, aggregate=aggregate, min_depth=min_depth,
-             local_iters=2, seed=11, lr=0.05, shared_precision=precision)
+             local_iters=2, seed=11, lr=0.05, shared_precision=precision, optimizer_state=opt_state,
+             outer_lr=0.7 if outer else 1.0, outer_momentum=0.9 if outer else 0.0)
 torch.manual_seed(cfg.seed)
 model = build_model(cfg.arch, 10, cfg.width)
 sync.broadcast_model(model)
@@ -44,7 +52,7 @@ def local_round(r):
         model.zero_grad(set_to_none=True)
         torch.nn.functional.cross_entropy(model(x), y).backward()
         ist.after_backward()
-        opt.step()
+        ist.step()
 
 
 for r, full in ((0, False), (1, True)):
@@ -66,20 +74,39 @@ for r, full in ((0, False), (1, True)):
     ist.end_round(r, full=full)
     next_plan = None if full else ist.plan_for(r + 1)
     # fp16 rounds only the round's change (|change| < 1 here): error below 2^-11 of it
-    np.testing.assert_allclose(flat(ist.shared), np.mean(shared_all, axis=0), rtol=0,
-                               atol=1e-6 if precision == "fp32" else 1e-3)
+    atol = 1e-6 if precision == "fp32" else 1e-3
+
+    def stepped(start, aggregate):
+        return start - OUTER_FACTOR * (start - aggregate) if outer else aggregate
+
+    if r == 0 or not outer:
+        np.testing.assert_allclose(flat(ist.shared), stepped(shared_before, np.mean(shared_all, axis=0)),
+                                   rtol=0, atol=atol * (OUTER_FACTOR if outer else 1))
+    # where each block started the round: its owner's values (every rank calls every bcast)
+    starts = [world.bcast(before[b] if sync.rank == plan.owner[b] * g else None, root=plan.owner[b] * g)
+              for b in range(len(after))]
     for b in range(len(after)):
         holders = plan.holders(b)
         needs = True if full else sync.subnet in next_plan.holders(b)
         if not needs:
             continue
+        start = starts[b]
+        if outer and r > 0:
+            continue  # the outer momentum is no longer zero; the full sync below still checks agreement
         if aggregate == "copy" or len(holders) == 1:
-            expected = everyone[plan.owner[b] * g][b]
-            assert np.array_equal(flat(ist.blocks[b]), expected), (sync.rank, r, b)
+            expected = stepped(start, everyone[plan.owner[b] * g][b])
+            if outer:
+                np.testing.assert_allclose(flat(ist.blocks[b]), expected, rtol=0, atol=1e-5)
+            else:
+                assert np.array_equal(flat(ist.blocks[b]), expected), (sync.rank, r, b)
         else:
-            expected = np.mean([everyone[s * g][b] for s in holders], axis=0)
-            np.testing.assert_allclose(flat(ist.blocks[b]), expected, rtol=0, atol=1e-6)
+            expected = stepped(start, np.mean([everyone[s * g][b] for s in holders], axis=0))
+            np.testing.assert_allclose(flat(ist.blocks[b]), expected, rtol=0, atol=1e-5)
 
 state = flat(list(model.parameters()))
 assert all(np.array_equal(state, other) for other in world.allgather(state)), "models differ after full sync"
+if opt_state == "average":
+    momentum = flat([opt.state[p]["momentum_buffer"] for p in model.parameters()])
+    assert np.abs(momentum).sum() > 0
+    assert all(np.array_equal(momentum, o) for o in world.allgather(momentum)), "momentum differs after full sync"
 print(f"OK rank {sync.rank} subnet {sync.subnet}")

@@ -1,0 +1,99 @@
+"""The accuracy suite: one preset, every method at every process count, into one folder.
+
+Each run is a real `hist-train` (under `horovodrun` beyond one process) writing its usual
+timing file into the folder; a run whose file says `completed` is skipped and an interrupted
+one resumes, so a suite can be stopped and continued (across sessions, or after a crash).
+The resolved settings are written beside the results as `settings.json`; the report (the
+published layout) as `report.md`, `report.json` and figures.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import Config
+from .errors import HistError
+from .presets import PRESETS, preset_options
+
+
+@dataclass(frozen=True)
+class SuiteRun:
+    method: str  # "single" for one process
+    processes: int
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}-np{self.processes}-seed{self.seed}"
+
+
+def suite_runs(processes: list[int], methods: list[str], seeds: list[int]) -> list[SuiteRun]:
+    """One process trains the full model whatever the method, so it runs once per seed."""
+    runs = []
+    for n in processes:
+        for seed in seeds:
+            runs += [SuiteRun("single", 1, seed)] if n == 1 else [SuiteRun(m, n, seed) for m in methods]
+    return runs
+
+
+def _status(path: Path) -> str | None:
+    import h5py
+    try:
+        with h5py.File(path, "r") as f:
+            return str(f.attrs.get("status"))
+    except OSError:
+        return None
+
+
+def command(run: SuiteRun, dataset: str, preset: str, out: Path, extra: list[str]) -> list[str]:
+    bindir = Path(sys.executable).parent
+    method = [] if run.method == "single" else ["--method", run.method]
+    cmd = [str(bindir / "hist-train"), dataset, "--preset", preset, *method, "--seed", str(run.seed),
+           "--out", str(out), *extra]
+    if run.processes > 1:
+        cmd = [str(bindir / "horovodrun"), "-np", str(run.processes), "-H", f"localhost:{run.processes}", *cmd]
+    return cmd
+
+
+def run_suite(dataset: str, preset: str, folder: Path, processes: list[int], methods: list[str],
+              seeds: list[int], extra: list[str], log=print) -> list[Path]:
+    """Run (or continue) every run of the suite; returns the timing files."""
+    options = preset_options(preset)
+    try:  # the resolved settings: the preset under the options given here (parsed as hist-train would)
+        from .cli import train as train_command
+        ctx = train_command.make_context("hist-train", [dataset, "--preset", preset, *extra])
+        resolved = Config(**{k: v for k, v in ctx.params.items() if k != "debug"})
+    except Exception as e:
+        raise HistError(f"the hist-train options {' '.join(extra)!r} do not parse: {e}")
+    folder.mkdir(parents=True, exist_ok=True)
+    runs = suite_runs(processes, methods, seeds)
+    settings = {"preset": preset, "description": PRESETS[preset][0], "preset_options": options,
+                "resolved": resolved.as_dict(), "dataset": dataset, "processes": processes,
+                "methods": methods, "seeds": seeds, "extra_options": extra,
+                "commands": {r.name: " ".join(command(r, dataset, preset, folder / f"{r.name}.h5", extra))
+                             for r in runs}}
+    (folder / "settings.json").write_text(json.dumps(settings, indent=2) + "\n")
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    paths = []
+    for r in runs:
+        out = folder / f"{r.name}.h5"
+        paths.append(out)
+        status = _status(out) if out.exists() else None
+        if status == "completed":
+            log(f"{r.name}: already completed, kept")
+            continue
+        cmd = command(r, dataset, preset, out, extra + (["--resume"] if status else []))
+        log(f"{r.name}: {'resuming' if status else 'running'} ({' '.join(cmd)})")
+        t = time.time()
+        with open(folder / f"{r.name}.log", "a") as logfile:
+            code = subprocess.run(cmd, env=env, stdout=logfile, stderr=subprocess.STDOUT).returncode
+        if code:
+            raise HistError(f"run {r.name} failed with exit code {code}; see {folder / (r.name + '.log')} "
+                            f"and run the suite again to resume it")
+        log(f"{r.name}: done in {time.time() - t:.0f} s")
+    return paths

@@ -1,0 +1,51 @@
+"""The accuracy suite end to end (the smoke preset), and presets on hist-train."""
+import json
+
+import h5py
+import pytest
+
+from conftest import BIN, run
+from hist.presets import PRESETS
+
+
+def test_presets_set_defaults_and_the_command_line_wins(tmp_path):
+    out = tmp_path / "p.h5"
+    run([BIN / "hist-train", "synthetic", "--preset", "smoke", "--arch", "preact_resnet34", "--out", out])
+    with h5py.File(out) as f:
+        config = json.loads(f.attrs["config"])
+    smoke = PRESETS["smoke"][1]
+    assert config["local_iters"] == smoke["local_iters"] and config["batch_size"] == smoke["batch_size"]
+    assert config["arch"] == "preact_resnet34"  # given on the command line: wins over the preset
+
+
+def test_unknown_preset_is_refused(tmp_path):
+    proc = run([BIN / "hist-train", "synthetic", "--preset", "huge", "--out", tmp_path / "x.h5"], check=False)
+    assert proc.returncode == 2 and "--preset" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_paper_and_cpu_presets_are_the_published_settings():
+    for name in ("paper", "cpu"):
+        p = PRESETS[name][1]
+        assert p["arch"] == "preact_resnet101" and p["batch_size"] == 128 and p["lr"] == 0.1
+        assert p["momentum"] == 0.9 and p["weight_decay"] == 5e-4 and p["local_iters"] == 50
+    assert PRESETS["paper"][1]["width"] == 1.0 and PRESETS["paper"][1]["epochs"] == 160
+
+
+def test_accuracy_suite_runs_every_method_then_reports_and_continues(tmp_path):
+    folder = tmp_path / "suite"
+    cmd = [BIN / "hist-bench", "accuracy", "--preset", "smoke", "--dataset", "synthetic", "--processes", "1,2",
+           "--methods", "ist,local-sgd", "--out", folder]
+    proc = run(cmd, timeout=900)
+    names = sorted(p.name for p in folder.glob("*.h5"))
+    assert names == ["ist-np2-seed0.h5", "local-sgd-np2-seed0.h5", "single-np1-seed0.h5"]
+    settings = json.loads((folder / "settings.json").read_text())
+    assert settings["preset"] == "smoke" and settings["resolved"]["local_iters"] == PRESETS["smoke"][1]["local_iters"]
+    assert "horovodrun -np 2" in settings["commands"]["ist-np2-seed0"]
+    table = (folder / "report.md").read_text()
+    assert table.startswith("| method | 1 process | 2 processes |")
+    assert [l.split("|")[1].strip() for l in table.splitlines()[2:5]] == ["single", "ist", "local-sgd"]
+    rows = json.loads((folder / "report.json").read_text())["rows"]
+    assert {r["method"] for r in rows} == {"single", "ist", "local-sgd"}
+    assert (folder / "report" / "accuracy_vs_time.png").stat().st_size > 1000
+    again = run(cmd, timeout=300)  # every run is complete: kept, not repeated
+    assert again.stderr.count("already completed, kept") == 3
