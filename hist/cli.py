@@ -99,6 +99,8 @@ def _apply_preset(ctx: click.Context, param, name):
               help="linear: peak lr x processes (pair with --warmup-epochs).")
 @click.option("--bn-batches", default=Config.bn_batches, help="Batches that recalibrate BatchNorm before evaluation.")
 @click.option("--eval-every", default=Config.eval_every, help="Rounds between evaluations (0 = at the end).")
+@click.option("--eval-every-epochs", default=Config.eval_every_epochs,
+              help="Also evaluate after every this many epochs (the same points in data for every process count).")
 @click.option("--eval-batch-size", default=Config.eval_batch_size)
 @click.option("--checkpoint-every", default=Config.checkpoint_every, help="Rounds between checkpoints (0 = on signal and at the end).")
 @click.option("--checkpoint", type=click.Path(path_type=str), help="Checkpoint path [default: beside --out].")

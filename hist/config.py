@@ -40,6 +40,7 @@ class Config:
     lr_scaling: str = "none"        # none | linear: peak lr x processes (Goyal et al.), for every method
     bn_batches: int = 8             # training batches that recalibrate BatchNorm statistics before evaluation
     eval_every: int = 0             # rounds between evaluations (0 = only at the end)
+    eval_every_epochs: float = 0.0  # also evaluate at the first round end after every this many epochs (0 = off)
     eval_batch_size: int = 256      # evaluation batch
     checkpoint_every: int = 0       # rounds between checkpoints (0 = only on a signal)
     checkpoint: str | None = None   # checkpoint path (default: the --out file with .ckpt.pt)
@@ -72,7 +73,8 @@ class Config:
             (self.subnets >= 0, f"--subnets {self.subnets} must be at least 1 (0 = one per process)"),
             (self.min_depth >= 0, f"--min-depth {self.min_depth} must not be negative"),
             (self.momentum >= 0 and self.weight_decay >= 0, "--momentum and --weight-decay must not be negative"),
-            (self.eval_every >= 0 and self.checkpoint_every >= 0, "--eval-every and --checkpoint-every must not be negative"),
+            (self.eval_every >= 0 and self.checkpoint_every >= 0 and self.eval_every_epochs >= 0,
+             "--eval-every, --eval-every-epochs and --checkpoint-every must not be negative"),
             (self.synthetic_size > 0 and self.eval_batch_size > 0 and self.bn_batches >= 0,
              "--synthetic-size, --eval-batch-size must be positive and --bn-batches not negative"),
             (self.stop_signal in ("USR1", "USR2", "TERM"), f"--stop-signal {self.stop_signal!r}: choose USR1, USR2 or TERM"),

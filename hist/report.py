@@ -168,7 +168,7 @@ def summarise(runs: list[Run], target_accuracy: float | None = None) -> tuple[li
         row["speedup_to_target"] = tb / tr if tb and tr else None
         local = [x for x in model if x["method"] == "local-sgd" and x["world_size"] == row["world_size"]]
         row["speedup_vs_local_sgd"] = (local[0]["seconds_per_epoch"] / row["seconds_per_epoch"]
-                                       if local and row["world_size"] > 1 else None)
+                                       if local and row["world_size"] > 1 and row["method"] != "local-sgd" else None)
     return rows, notes
 
 

@@ -62,7 +62,8 @@ def command(run: SuiteRun, dataset: str, preset: str, out: Path, extra: list[str
 
 def run_suite(dataset: str, preset: str, folder: Path, processes: list[int], methods: list[str],
               seeds: list[int], extra: list[str], log=print) -> list[Path]:
-    """Run (or continue) every run of the suite; returns the timing files."""
+    """Run (or continue) every run of the suite; returns the timing files of the whole folder
+    (a later call with more process counts or seeds adds to the same comparison)."""
     options = preset_options(preset)
     try:  # the resolved settings: the preset under the options given here (parsed as hist-train would)
         from .cli import train as train_command
@@ -77,12 +78,23 @@ def run_suite(dataset: str, preset: str, folder: Path, processes: list[int], met
                 "methods": methods, "seeds": seeds, "extra_options": extra,
                 "commands": {r.name: " ".join(command(r, dataset, preset, folder / f"{r.name}.h5", extra))
                              for r in runs}}
-    (folder / "settings.json").write_text(json.dumps(settings, indent=2) + "\n")
+    settings_file = folder / "settings.json"
+    if settings_file.exists():  # a folder holds one comparison: same settings, more runs
+        try:
+            before = json.loads(settings_file.read_text())
+        except ValueError:
+            raise HistError(f"{settings_file} is not JSON; move it away or use another --out")
+        if (before.get("resolved"), before.get("dataset")) != (settings["resolved"], dataset):
+            raise HistError(f"{folder} holds runs with other settings (see {settings_file}); one folder is "
+                            f"one comparison: use another --out")
+        settings["processes"] = sorted(set(before.get("processes", [])) | set(processes))
+        settings["methods"] = sorted(set(before.get("methods", [])) | set(methods))
+        settings["seeds"] = sorted(set(before.get("seeds", [])) | set(seeds))
+        settings["commands"] = {**before.get("commands", {}), **settings["commands"]}
+    settings_file.write_text(json.dumps(settings, indent=2) + "\n")
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    paths = []
     for r in runs:
         out = folder / f"{r.name}.h5"
-        paths.append(out)
         status = _status(out) if out.exists() else None
         if status == "completed":
             log(f"{r.name}: already completed, kept")
@@ -96,4 +108,4 @@ def run_suite(dataset: str, preset: str, folder: Path, processes: list[int], met
             raise HistError(f"run {r.name} failed with exit code {code}; see {folder / (r.name + '.log')} "
                             f"and run the suite again to resume it")
         log(f"{r.name}: done in {time.time() - t:.0f} s")
-    return paths
+    return sorted(folder.glob("*.h5"))

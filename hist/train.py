@@ -454,7 +454,9 @@ def train(cfg: Config, model: PreActResNet, sync: Synchroniser, train_data: Devi
                 f"{', the last checkpoint is unchanged' if checkpoint_path and Path(checkpoint_path).exists() else ''}); "
                 f"try a lower --lr or a --warmup-epochs of 1 or more")
         final = r == n_rounds - 1
-        evaluate_now = final or (cfg.eval_every and (r + 1) % cfg.eval_every == 0)
+        evaluate_now = final or (cfg.eval_every and (r + 1) % cfg.eval_every == 0) or (
+            cfg.eval_every_epochs and math.floor(last / steps_per_epoch / cfg.eval_every_epochs)
+            > math.floor(first / steps_per_epoch / cfg.eval_every_epochs))
         checkpoint_now = stop_now or final or (cfg.checkpoint_every and (r + 1) % cfg.checkpoint_every == 0)
         method.end_round(r, full=bool(evaluate_now or checkpoint_now))
         _cuda_sync(device)

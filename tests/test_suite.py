@@ -49,3 +49,12 @@ def test_accuracy_suite_runs_every_method_then_reports_and_continues(tmp_path):
     assert (folder / "report" / "accuracy_vs_time.png").stat().st_size > 1000
     again = run(cmd, timeout=300)  # every run is complete: kept, not repeated
     assert again.stderr.count("already completed, kept") == 3
+
+
+def test_a_folder_holds_one_comparison(tmp_path):
+    folder = tmp_path / "suite"
+    base = [BIN / "hist-bench", "accuracy", "--preset", "smoke", "--dataset", "synthetic", "--processes", "1",
+            "--out", folder]
+    run(base, timeout=300)
+    proc = run(base + ["--", "--lr", "0.5"], check=False, timeout=120)
+    assert proc.returncode == 2 and "other settings" in proc.stderr and "Traceback" not in proc.stderr

@@ -85,7 +85,7 @@ MinJobAge=600
 KillWait=5
 InactiveLimit=0
 NodeName={self.host} NodeAddr=127.0.0.1 CPUs={self.cpus} Boards=1 SocketsPerBoard=1 CoresPerSocket={self.cpus} ThreadsPerCore=1 RealMemory=16000 Gres=gpu:{self.gpus} State=UNKNOWN
-PartitionName=gpu Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+PartitionName=debugq Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """)
 
     def start(self, timeout: float = 60) -> "Cluster":
