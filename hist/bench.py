@@ -70,14 +70,18 @@ def bytes_per_round(local_iters: int = 50, rounds: int = 20) -> dict:
     shared_b = sum(p.numel() * 4 for p in shared)
     block_b = [sum(p.numel() * 4 for p in ps) for ps in blocks]
     full_b = shared_b + sum(block_b)
-    out = {"ist": {}, "ist-fp16": {}, "local-sgd": {}, "dp": {}}
+    # With --optimizer-state average (the default) the momentum buffers travel with their
+    # weights: twice the bytes of a round; "-restart" is the reference treatment.
+    out = {"ist": {}, "ist-restart": {}, "ist-fp16-restart": {}, "local-sgd": {}, "local-sgd-restart": {}, "dp": {}}
     for n in (2, 4, 8):
         ring = n * 2 * (n - 1) / n  # sent by all ranks for one allreduce, per byte of payload
         sent = [round_bytes(make_plan(0, r, len(blocks), n), make_plan(0, r + 1, len(blocks), n), 1,
                             "copy", block_b, shared_b)[0] for r in range(rounds)]
-        out["ist"][str(n)] = float(np.mean(sent))
-        out["ist-fp16"][str(n)] = out["ist"][str(n)] - ring * shared_b / 2  # --shared-precision fp16
-        out["local-sgd"][str(n)] = ring * full_b
+        out["ist-restart"][str(n)] = float(np.mean(sent))
+        out["ist"][str(n)] = 2 * out["ist-restart"][str(n)]
+        out["ist-fp16-restart"][str(n)] = out["ist-restart"][str(n)] - ring * shared_b / 2  # --shared-precision fp16
+        out["local-sgd-restart"][str(n)] = ring * full_b
+        out["local-sgd"][str(n)] = 2 * ring * full_b
         out["dp"][str(n)] = ring * full_b * local_iters
     return out
 
@@ -214,10 +218,11 @@ def format_table(r: dict) -> str:
              f"ResNet-101 width {r['settings']['width']}, batch {r['settings']['batch_size']}"]
     lines.append("subnetwork step time / full model (S=2,4,8): " + ", ".join(
         f"{r['subnet_step_ratio'][s]:.3f} (FLOPs {r['subnet_flops_ratio'][s]:.3f})" for s in ("2", "4", "8")))
-    for m in ("ist", "ist-fp16", "local-sgd", "dp"):
-        lines.append(f"bytes per round, {m:9s} (S/N=2,4,8): " + ", ".join(
+    for m in ("ist", "ist-restart", "ist-fp16-restart", "local-sgd", "local-sgd-restart", "dp"):
+        lines.append(f"bytes per round, {m:17s} (S/N=2,4,8): " + ", ".join(
             f"{r['bytes_per_round'][m][s] / 1e9:.3f} GB" for s in ("2", "4", "8"))
-            + ("  published: " + ", ".join(f"{v:.3f}" for v in PUBLISHED_GB[m].values()) if m in PUBLISHED_GB else ""))
+            + ("  published: " + ", ".join(f"{v:.3f}" for v in PUBLISHED_GB[m.split("-restart")[0]].values())
+               if m.split("-restart")[0] in PUBLISHED_GB else ""))
     lines.append(f"data pipeline / model images per second: {r['pipeline_ratio']:.1f}x")
     if "speedup_np2" in r:
         lines.append("speedup of 2 processes over 1 (wall per epoch): " + ", ".join(

@@ -25,7 +25,7 @@ class Config:
     min_depth: int = 0              # least partitioned blocks per subnetwork (extra blocks are shared and averaged)
     aggregate: str = "copy"         # copy (the owner's values) | average (mean over subnetworks that trained it)
     shared_precision: str = "fp32"  # fp32 | fp16: IST averages the shared parameters' change per round in fp16 (half the bytes)
-    optimizer_state: str = "restart"  # ist/local-sgd: restart (momentum zeroed every round) | average (aggregated with the weights)
+    optimizer_state: str = "average"  # ist/local-sgd: average (momentum aggregated with the weights) | restart (zeroed every round, as the reference)
     outer_lr: float = 1.0           # ist/local-sgd: outer step on the round's aggregated change (DiLoCo: 0.7; 1 = plain aggregation)
     outer_momentum: float = 0.0     # ist/local-sgd: Nesterov momentum of the outer step (DiLoCo: 0.9; 0 = none)
     warmup_local_sgd_epochs: float = 0.0  # ist: local SGD on the full model for this many epochs before IST starts
@@ -36,8 +36,8 @@ class Config:
     momentum: float = 0.9           # SGD momentum
     weight_decay: float = 5e-4      # L2 on all parameters
     schedule: str = "step"          # step (/10 at 50% and 75%) | cosine
-    warmup_epochs: float = 0.0      # linear warm-up from lr/10 over this many epochs
-    lr_scaling: str = "none"        # none | linear: peak lr x processes (Goyal et al.), for every method
+    warmup_epochs: float = 0.5      # linear warm-up from lr/10 over this many epochs (every method, one process too)
+    lr_scaling: str = "linear"      # linear: peak lr x processes (Goyal et al.), for every method | none
     bn_batches: int = 8             # training batches that recalibrate BatchNorm statistics before evaluation
     eval_every: int = 0             # rounds between evaluations (0 = only at the end)
     eval_every_epochs: float = 0.0  # also evaluate at the first round end after every this many epochs (0 = off)

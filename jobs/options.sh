@@ -17,21 +17,25 @@ if [ $# -gt 0 ] && [ "$1" != "--" ]; then folder=$1; shift; fi
 preset=${PRESET:-cpu}
 bin=$(dirname "$(command -v hist-train)")
 mkdir -p "$folder"
-# name | processes | method | options (the preset's otherwise)
+# name | processes | method | options. "reference" is the ResIST release's treatment (momentum
+# restarted every round, no learning-rate scaling, no warm-up); the other rows start from
+# hist's defaults (momentum averaged, lr x processes, half an epoch of warm-up) unless they
+# say otherwise. The table lists each row's resolved settings, read from its timing file.
+REF="--optimizer-state restart --lr-scaling none --warmup-epochs 0"
 runs=(
-  "single|1|ist|"
-  "ist|2|ist|"
-  "ist momentum averaged|2|ist|--optimizer-state average"
-  "ist lr x2 (linear), warm-up 0.5|2|ist|--lr-scaling linear --warmup-epochs 0.5"
+  "single|1|ist|--warmup-epochs 0"
+  "ist|2|ist|$REF"
+  "ist momentum averaged|2|ist|--optimizer-state average --lr-scaling none --warmup-epochs 0"
+  "ist lr x2 (linear), warm-up 0.5|2|ist|--optimizer-state restart --lr-scaling linear --warmup-epochs 0.5"
   "ist momentum averaged, lr x2|2|ist|--optimizer-state average --lr-scaling linear --warmup-epochs 0.5"
-  "ist outer Nesterov 0.7/0.9|2|ist|--outer-lr 0.7 --outer-momentum 0.9"
-  "ist local SGD first 0.5 epoch|2|ist|--warmup-local-sgd-epochs 0.5"
-  "ist local iters 10|2|ist|--local-iters 10"
-  "ist BN calibration 32 batches|2|ist|--bn-batches 32"
-  "ist min depth 14|2|ist|--min-depth 14"
-  "local-sgd|2|local-sgd|"
+  "ist outer Nesterov 0.7/0.9|2|ist|$REF --outer-lr 0.7 --outer-momentum 0.9"
+  "ist local SGD first 0.5 epoch|2|ist|$REF --warmup-local-sgd-epochs 0.5"
+  "ist defaults, local iters 10|2|ist|--local-iters 10"
+  "ist defaults, BN calibration 32 batches|2|ist|--bn-batches 32"
+  "ist defaults, min depth 14|2|ist|--min-depth 14"
+  "local-sgd|2|local-sgd|$REF"
   "local-sgd momentum averaged, lr x2|2|local-sgd|--optimizer-state average --lr-scaling linear --warmup-epochs 0.5"
-  "dp|2|dp|"
+  "dp|2|dp|--lr-scaling none --warmup-epochs 0"
   "dp lr x2 (linear), warm-up 0.5|2|dp|--lr-scaling linear --warmup-epochs 0.5"
 )
 for spec in "${runs[@]}"; do
@@ -58,18 +62,26 @@ done
 import sys
 from pathlib import Path
 from hist.report import load_runs
+KEYS = [("optimizer_state", "momentum"), ("lr_scaling", "lr scaling"), ("warmup_epochs", "warm-up epochs"),
+        ("outer_lr", "outer lr"), ("outer_momentum", "outer momentum"),
+        ("warmup_local_sgd_epochs", "local-SGD epochs first"), ("local_iters", "local iters"),
+        ("bn_batches", "BN batches"), ("min_depth", "min depth")]
+runs = load_runs([Path(sys.argv[1])])
+name = lambda run: str(run.attrs.get("option_name", run.path.stem))
+ref = next((r.config for r in runs if name(r) == "ist"), {})
 rows = []
-for run in load_runs([Path(sys.argv[1])]):
-    e, r = run.evals, run.rounds
-    rows.append((run.attrs.get("option_name", run.path.stem), float(e["test_accuracy"][-1]),
+for run in runs:
+    e, r, c = run.evals, run.rounds, run.config
+    diff = ", ".join(f"{label} {c.get(k)}" for k, label in KEYS if c.get(k) != ref.get(k)) or "-"
+    rows.append((name(run), run.attrs["method"], int(run.attrs["world_size"]), diff, float(e["test_accuracy"][-1]),
                  float(r["wall_s"][-1]), float(r["bytes_sent"].sum(axis=1).mean()) / 1e6, float(r["epoch"][-1])))
-order = {n: i for i, n in enumerate(["single", "ist"])}
-rows.sort(key=lambda x: (order.get(x[0], 2), x[0]))
-base = {n: a for n, a, *_ in rows}
-lines = ["| option | test accuracy | vs single | wall | MB/round | epochs |", "| --- | --- | --- | --- | --- | --- |"]
-for name, acc, wall, mb, ep in rows:
-    diff = f"{acc - base['single']:+.2f}" if "single" in base else "-"
-    lines.append(f"| {name} | {acc:.2f}% | {diff} | {wall:.0f} s | {mb:.2f} | {ep:.2f} |")
+rows.sort(key=lambda x: (x[0] != "single", x[0] != "ist", x[1], x[0]))
+single = next((x[4] for x in rows if x[0] == "single"), None)
+lines = ["| run | method, processes | settings that differ from the reference `ist` row | test accuracy | vs single | wall | MB/round | epochs |",
+         "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+for n, method, world, diff, acc, wall, mb, ep in rows:
+    vs = f"{acc - single:+.2f}" if single is not None else "-"
+    lines.append(f"| {n} | {method}, {world} | {diff} | {acc:.2f}% | {vs} | {wall:.0f} s | {mb:.2f} | {ep:.2f} |")
 text = "\n".join(lines)
 (Path(sys.argv[1]) / "options.md").write_text(text + "\n")
 print(text)
