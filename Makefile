@@ -18,7 +18,7 @@ DEMO_DIR ?= runs/demo
 DEMO_ARGS ?= --arch preact_resnet101 --width 0.0625 --epochs 10 --batch-size 64 --local-iters 8 \
 	--synthetic-size 2048 --eval-every-epochs 1 --threads 1
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test lint format clean
 setup:
 	@bash tools/bootstrap.sh
 
@@ -30,8 +30,18 @@ demo: setup
 	PATH=$(BIN):$$PATH $(BIN)/horovodrun -np 2 $(BIN)/hist-train synthetic --method dp $(DEMO_ARGS) --out $(DEMO_DIR)/dp-np2.h5
 	$(BIN)/hist-report $(DEMO_DIR) -o $(DEMO_DIR)/report
 
-test: setup
+test: setup lint
 	PATH=$(BIN):$$PATH $(BIN)/python -m pytest tests -q $(PYTEST_ARGS)
+
+# ruff (settings in pyproject.toml) runs before the tests; `make format` rewrites the tree.
+# A quick loop: make test PYTEST_ARGS="-m 'not slow'"
+lint: setup
+	$(BIN)/ruff check hist tests
+	$(BIN)/ruff format --check hist tests
+
+format: setup
+	$(BIN)/ruff check --fix hist tests
+	$(BIN)/ruff format hist tests
 
 clean:
 	rm -rf runs .pytest_cache

@@ -4,6 +4,7 @@ Every command turns a HistError into one line on stderr and a non-zero exit; `--
 shows the traceback. An unexpected failure on one rank of a multi-rank job aborts the whole
 MPI job (with the rank and host named) so that no other rank waits for it forever.
 """
+
 from __future__ import annotations
 
 import functools
@@ -14,8 +15,19 @@ from pathlib import Path
 
 import click
 
-from .config import AGGREGATES, LR_SCALINGS, METHODS, OPTIMIZER_STATES, SCHEDULES, Config
+from .choices import (
+    AGGREGATES,
+    DEVICES,
+    LR_SCALINGS,
+    METHODS,
+    OPTIMIZER_STATES,
+    SCHEDULES,
+    SHARED_PRECISIONS,
+    STOP_SIGNALS,
+)
+from .config import Config
 from .errors import CollectiveError, HistError
+from .presets import PRESETS
 from .world import world_info_from_env
 
 
@@ -28,6 +40,7 @@ def _fail(prog: str, message: str, code: int = 2) -> None:
 
 def user_errors(prog: str):
     """Decorator: HistError -> one line and exit 2; anything else -> one line, MPI abort, exit 1."""
+
     def wrap(fn):
         @functools.wraps(fn)
         def inner(*args, debug=False, **kwargs):
@@ -45,22 +58,26 @@ def user_errors(prog: str):
                 if debug:
                     traceback.print_exc()
                 world = world_info_from_env()
-                click.echo(f"{prog}: error [{world.where()}]: {type(e).__name__}: {e} "
-                           f"(run with --debug for the traceback)", err=True)
-                if world.size > 1 and "mpi4py.MPI" in sys.modules:
-                    sys.stderr.flush()
-                    sys.modules["mpi4py.MPI"].COMM_WORLD.Abort(1)
+                click.echo(
+                    f"{prog}: error [{world.where()}]: {type(e).__name__}: {e} (run with --debug for the traceback)",
+                    err=True,
+                )
+                from .comm import abort_world_if_running
+
+                abort_world_if_running(1)
                 sys.exit(1)
+
         return click.option("--debug", is_flag=True, help="Show tracebacks.")(inner)
+
     return wrap
 
 
 # ---------------------------------------------------------------- hist-train
 
+
 def _apply_preset(ctx: click.Context, param, name):
     """Eager: the preset's values become the defaults of the options parsed after it."""
     if name:
-        from .presets import PRESETS
         if name not in PRESETS:
             raise click.BadParameter(f"choose one of {', '.join(PRESETS)}", ctx, param)
         ctx.default_map = {**(ctx.default_map or {}), **PRESETS[name][1]}
@@ -69,24 +86,50 @@ def _apply_preset(ctx: click.Context, param, name):
 
 @click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
 @click.argument("dataset")
-@click.option("--preset", is_eager=True, expose_value=False, callback=_apply_preset,
-              help="Defaults from a named preset (paper, cpu, smoke); options given here win.")
-@click.option("--data-dir", type=click.Path(path_type=str), help="Folder of the official files [default: $HIST_DATA or ~/.cache/hist/data].")
+@click.option(
+    "--preset",
+    is_eager=True,
+    expose_value=False,
+    callback=_apply_preset,
+    help="Defaults from a named preset (paper, cpu, smoke); options given here win.",
+)
+@click.option(
+    "--data-dir",
+    type=click.Path(path_type=str),
+    help="Folder of the official files [default: $HIST_DATA or ~/.cache/hist/data].",
+)
 @click.option("--synthetic-size", default=Config.synthetic_size, help="Training images of the synthetic dataset.")
-@click.option("--arch", default=Config.arch, help="preact_resnet18|34|101|152.")
+@click.option("--arch", default=Config.arch, help="preact_resnet18|34|101|152 (hist.models.ARCHS).")
 @click.option("--width", default=Config.width, help="Channel multiplier (small for CPU runs).")
 @click.option("--method", default=Config.method, type=click.Choice(METHODS))
 @click.option("--subnets", default=Config.subnets, help="IST subnetworks (0 = one per process).")
 @click.option("--min-depth", default=Config.min_depth, help="Least partitioned blocks per subnetwork.")
 @click.option("--aggregate", default=Config.aggregate, type=click.Choice(AGGREGATES))
-@click.option("--shared-precision", default=Config.shared_precision, type=click.Choice(["fp32", "fp16"]),
-              help="IST: average the shared parameters' change per round in fp16 (half the bytes).")
-@click.option("--optimizer-state", default=Config.optimizer_state, type=click.Choice(OPTIMIZER_STATES),
-              help="ist/local-sgd: restart SGD momentum every round, or average it with the weights.")
-@click.option("--outer-lr", default=Config.outer_lr, help="ist/local-sgd: outer step on the round's change (1 = plain aggregation).")
-@click.option("--outer-momentum", default=Config.outer_momentum, help="ist/local-sgd: Nesterov momentum of the outer step.")
-@click.option("--warmup-local-sgd-epochs", default=Config.warmup_local_sgd_epochs,
-              help="ist: local SGD on the full model for this many epochs first.")
+@click.option(
+    "--shared-precision",
+    default=Config.shared_precision,
+    type=click.Choice(SHARED_PRECISIONS),
+    help="IST: average the shared parameters' change per round in fp16 (half the bytes).",
+)
+@click.option(
+    "--optimizer-state",
+    default=Config.optimizer_state,
+    type=click.Choice(OPTIMIZER_STATES),
+    help="ist/local-sgd: restart SGD momentum every round, or average it with the weights.",
+)
+@click.option(
+    "--outer-lr",
+    default=Config.outer_lr,
+    help="ist/local-sgd: outer step on the round's change (1 = plain aggregation).",
+)
+@click.option(
+    "--outer-momentum", default=Config.outer_momentum, help="ist/local-sgd: Nesterov momentum of the outer step."
+)
+@click.option(
+    "--warmup-local-sgd-epochs",
+    default=Config.warmup_local_sgd_epochs,
+    help="ist: local SGD on the full model for this many epochs first.",
+)
 @click.option("--local-iters", default=Config.local_iters, help="Local steps per round.")
 @click.option("--epochs", default=Config.epochs, help="Passes over the training set (all ranks together).")
 @click.option("--batch-size", default=Config.batch_size, help="Batch per process.")
@@ -95,26 +138,42 @@ def _apply_preset(ctx: click.Context, param, name):
 @click.option("--weight-decay", default=Config.weight_decay)
 @click.option("--schedule", default=Config.schedule, type=click.Choice(SCHEDULES))
 @click.option("--warmup-epochs", default=Config.warmup_epochs, help="Linear warm-up from lr/10.")
-@click.option("--lr-scaling", default=Config.lr_scaling, type=click.Choice(LR_SCALINGS),
-              help="linear: peak lr x processes (pair with --warmup-epochs).")
+@click.option(
+    "--lr-scaling",
+    default=Config.lr_scaling,
+    type=click.Choice(LR_SCALINGS),
+    help="linear: peak lr x processes (pair with --warmup-epochs).",
+)
 @click.option("--bn-batches", default=Config.bn_batches, help="Batches that recalibrate BatchNorm before evaluation.")
 @click.option("--eval-every", default=Config.eval_every, help="Rounds between evaluations (0 = at the end).")
-@click.option("--eval-every-epochs", default=Config.eval_every_epochs,
-              help="Also evaluate after every this many epochs (the same points in data for every process count).")
+@click.option(
+    "--eval-every-epochs",
+    default=Config.eval_every_epochs,
+    help="Also evaluate after every this many epochs (the same points in data for every process count).",
+)
 @click.option("--eval-batch-size", default=Config.eval_batch_size)
-@click.option("--checkpoint-every", default=Config.checkpoint_every, help="Rounds between checkpoints (0 = on signal and at the end).")
+@click.option(
+    "--checkpoint-every",
+    default=Config.checkpoint_every,
+    help="Rounds between checkpoints (0 = on signal and at the end).",
+)
 @click.option("--checkpoint", type=click.Path(path_type=str), help="Checkpoint path [default: beside --out].")
-@click.option("--stop-signal", default=Config.stop_signal, type=click.Choice(["USR1", "USR2", "TERM"]),
-              help="Signal that checkpoints and stops at the next round end (match #SBATCH --signal); SIGTERM always does.")
+@click.option(
+    "--stop-signal",
+    default=Config.stop_signal,
+    type=click.Choice(STOP_SIGNALS),
+    help="Signal that checkpoints and stops at the next round end (match #SBATCH --signal); SIGTERM always does.",
+)
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint if there is one.")
 @click.option("--seed", default=Config.seed)
-@click.option("--device", default=Config.device, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--device", default=Config.device, type=click.Choice(DEVICES))
 @click.option("--threads", default=Config.threads, help="Torch threads per process (0 = default).")
 @click.option("--out", type=click.Path(path_type=str), help="Timing file [default: runs/<method>-<dataset>-np<N>.h5].")
 @user_errors("hist-train")
 def train(dataset, **options):
-    """Train a pre-activation ResNet on DATASET (cifar10, cifar100, svhn, synthetic)."""
+    """Train a pre-activation ResNet on DATASET (one of hist.choices.DATASETS: cifar10, cifar100, svhn, synthetic)."""
     from .launch import run_training
+
     cfg = Config(dataset=dataset, **options)
     result = run_training(cfg)
     if result.stopped_early:
@@ -123,13 +182,27 @@ def train(dataset, **options):
 
 # ---------------------------------------------------------------- hist-report
 
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("-o", "--output", type=click.Path(path_type=Path), help="Folder for the figures [default: beside the first input].")
-@click.option("--format", "fmt", type=click.Choice(["table", "json", "paper"]), default="table",
-              help="paper: the published layout (a row per method, a column per process count), Markdown.")
-@click.option("--oversubscribed-above", type=int, help="paper: mark times of runs with more processes than this as not meaningful.")
-@click.option("--target-accuracy", type=float, help="Accuracy (%) for time-to-accuracy [default: 90% of the best final accuracy].")
+@click.option(
+    "-o", "--output", type=click.Path(path_type=Path), help="Folder for the figures [default: beside the first input]."
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "json", "paper"]),
+    default="table",
+    help="paper: the published layout (a row per method, a column per process count), Markdown.",
+)
+@click.option(
+    "--oversubscribed-above",
+    type=int,
+    help="paper: mark times of runs with more processes than this as not meaningful.",
+)
+@click.option(
+    "--target-accuracy", type=float, help="Accuracy (%) for time-to-accuracy [default: 90% of the best final accuracy]."
+)
 @click.option("--merge", type=click.Path(path_type=Path), help="Also copy all runs into this one HDF5 file.")
 @click.option("--no-figures", is_flag=True, help="Print the table only.")
 @click.option("--latency", default=5e-6, help="Projection: seconds per message.")
@@ -137,8 +210,9 @@ def train(dataset, **options):
 @user_errors("hist-report")
 def report(paths, output, fmt, oversubscribed_above, target_accuracy, merge, no_figures, latency, bandwidth):
     """Speedup, time-to-accuracy and communication from timing files or folders of them."""
-    from . import report as rep
-    from .projection import Network
+    from .analysis import report as rep
+    from .analysis.projection import Network
+
     runs = rep.load_runs(paths, skip_damaged=lambda line: click.echo(f"hist-report: {line}", err=True))
     rows, notes = rep.summarise(runs, target_accuracy)
     proj = rep.projection(runs, rows, Network(latency, bandwidth))
@@ -163,14 +237,19 @@ def report(paths, output, fmt, oversubscribed_above, target_accuracy, merge, no_
 
 # ---------------------------------------------------------------- hist-bench
 
+
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--quick", is_flag=True, help="Tiny sizes: a smoke test of the benchmark itself.")
 @click.option("--width", default=0.25, help="Channel multiplier of the ResNet-101 for the step timings.")
 @click.option("--run-width", default=0.125, help="Channel multiplier of the ResNet-101 for the hist-train runs.")
 @click.option("--batch-size", default=64)
-@click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))
-@click.option("--data-dir", type=click.Path(path_type=str), help="Folder with cifar-10-batches-py for the accuracy runs [default: $HIST_DATA].")
+@click.option("--device", default="auto", type=click.Choice(DEVICES))
+@click.option(
+    "--data-dir",
+    type=click.Path(path_type=str),
+    help="Folder with cifar-10-batches-py for the accuracy runs [default: $HIST_DATA].",
+)
 @click.option("--skip-runs", is_flag=True, help="Only the in-process measurements (no hist-train runs).")
 @click.pass_context
 @user_errors("hist-bench")
@@ -180,11 +259,18 @@ def bench(ctx, as_json, quick, width, run_width, batch_size, device, data_dir, s
     `hist-bench accuracy` runs the accuracy suite instead."""
     if ctx.invoked_subcommand is not None:
         return
-    from . import bench as b
+    from .analysis import bench as b
     from .launch import resolve_device
-    results = b.run(quick=quick, width=width, run_width=run_width, batch_size=batch_size,
-                    device=resolve_device(device, 0),
-                    data_dir=data_dir, skip_runs=skip_runs)
+
+    results = b.run(
+        quick=quick,
+        width=width,
+        run_width=run_width,
+        batch_size=batch_size,
+        device=resolve_device(device, 0),
+        data_dir=data_dir,
+        skip_runs=skip_runs,
+    )
     click.echo(json.dumps(results, indent=2) if as_json else b.format_table(results))
 
 
@@ -197,18 +283,28 @@ def _int_list(least: int):
         if not out or min(out) < least:
             raise click.BadParameter(f"{value!r}: give integers of at least {least}, comma-separated")
         return out
+
     return parse
 
 
 @bench.command("accuracy", context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
 @click.option("--dataset", default="cifar10", help="cifar10, cifar100, svhn or synthetic.")
-@click.option("--preset", default="cpu", type=click.Choice(["paper", "cpu", "smoke"]), help="Settings of every run.")
-@click.option("--out", "folder", type=click.Path(path_type=Path), help="Folder for the runs [default: runs/accuracy-<preset>-<dataset>].")
+@click.option("--preset", default="cpu", type=click.Choice(list(PRESETS)), help="Settings of every run.")
+@click.option(
+    "--out",
+    "folder",
+    type=click.Path(path_type=Path),
+    help="Folder for the runs [default: runs/accuracy-<preset>-<dataset>].",
+)
 @click.option("--processes", default="1,2", callback=_int_list(1), help="Process counts, e.g. 1,2,4,8.")
 @click.option("--methods", default="ist,local-sgd", help="Methods beyond one process: ist, local-sgd, dp.")
 @click.option("--seeds", default="0", callback=_int_list(0), help="Seeds, e.g. 0,1,2 (mean and spread in the table).")
-@click.option("--oversubscribed-above", type=int, default=None,
-              help="Mark the times of runs with more processes than this (default: the machine's cores).")
+@click.option(
+    "--oversubscribed-above",
+    type=int,
+    default=None,
+    help="Mark the times of runs with more processes than this (default: the machine's cores).",
+)
 @click.argument("train_options", nargs=-1, type=click.UNPROCESSED)
 @user_errors("hist-bench")
 def accuracy_suite(dataset, preset, folder, processes, methods, seeds, oversubscribed_above, train_options):
@@ -217,22 +313,38 @@ def accuracy_suite(dataset, preset, folder, processes, methods, seeds, oversubsc
     Options after `--` go to every hist-train run, e.g. `-- --data-dir ../shared/data/cifar10`.
     A finished run is kept, an interrupted one resumed: run the same command again to continue."""
     import os
-    from . import report as rep
-    from .config import METHODS
-    from .suite import run_suite
+
+    from .analysis import report as rep
+    from .analysis.suite import run_suite
+
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
     bad = [m for m in method_list if m not in METHODS]
     if bad:
         raise HistError(f"--methods: unknown {', '.join(bad)}; choose from {', '.join(METHODS)}")
     folder = folder or Path("runs") / f"accuracy-{preset}-{dataset}"
-    paths = run_suite(dataset, preset, folder, processes, method_list, seeds, list(train_options),
-                      log=lambda m: click.echo(m, err=True))
+    try:  # the settings every run resolves to: the preset under the options given, as hist-train parses them
+        ctx = train.make_context("hist-train", [dataset, "--preset", preset, *train_options])
+        resolved = Config(**{k: v for k, v in ctx.params.items() if k != "debug"})
+    except click.ClickException as e:
+        raise HistError(f"the hist-train options {' '.join(train_options)!r} do not parse: {e.format_message()}")
+    paths = run_suite(
+        dataset,
+        preset,
+        folder,
+        processes,
+        method_list,
+        seeds,
+        list(train_options),
+        resolved,
+        log=lambda m: click.echo(m, err=True),
+    )
     runs = rep.load_runs(paths)
     rows, notes = rep.summarise(runs)
     limit = oversubscribed_above if oversubscribed_above is not None else os.cpu_count()
     if any(r["world_size"] > limit for r in rows):
-        notes.append(f"runs with more than {limit} processes share {limit} cores: their accuracy counts, "
-                     f"their times do not")
+        notes.append(
+            f"runs with more than {limit} processes share {limit} cores: their accuracy counts, their times do not"
+        )
     table = rep.format_paper_table(rows, notes, limit)
     (folder / "report.md").write_text(table + "\n")
     (folder / "report.json").write_text(json.dumps({"rows": rows, "notes": notes}, indent=2) + "\n")

@@ -1,71 +1,90 @@
 """The run configuration: every key with its meaning. Written into every timing file."""
+
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
 
+from .choices import (
+    AGGREGATES,
+    DEVICES,
+    LR_SCALINGS,
+    METHODS,
+    OPTIMIZER_STATES,
+    SCHEDULES,
+    SHARED_PRECISIONS,
+    STOP_SIGNALS,
+)
 from .errors import HistError
 
-METHODS = ("ist", "local-sgd", "dp")
-AGGREGATES = ("copy", "average")
-SCHEDULES = ("step", "cosine")
-OPTIMIZER_STATES = ("restart", "average")
-LR_SCALINGS = ("none", "linear")
+
+def _one_of(flag: str, value, choices) -> tuple[bool, str]:
+    return value in choices, f"{flag} {value!r}: choose one of {', '.join(choices)}"
 
 
 @dataclass
 class Config:
-    dataset: str = "synthetic"      # cifar10 | cifar100 | svhn | synthetic
-    data_dir: str | None = None     # folder with the official files (default: $HIST_DATA or ~/.cache/hist/data)
-    synthetic_size: int = 4096      # training images of the synthetic dataset (test: a quarter, at least 256)
+    dataset: str = "synthetic"  # cifar10 | cifar100 | svhn | synthetic
+    data_dir: str | None = None  # folder with the official files (default: $HIST_DATA or ~/.cache/hist/data)
+    synthetic_size: int = 4096  # training images of the synthetic dataset (test: a quarter, at least 256)
     arch: str = "preact_resnet101"  # preact_resnet18 | 34 | 101 | 152
-    width: float = 1.0              # channel multiplier (1.0 = 64/128/256/512); small values for CPU runs
-    method: str = "ist"             # ist | local-sgd | dp (one process: the full model, whatever the method)
-    subnets: int = 0                # IST subnetworks S; 0 = one per process; processes must be a multiple of S
-    min_depth: int = 0              # least partitioned blocks per subnetwork (extra blocks are shared and averaged)
-    aggregate: str = "copy"         # copy (the owner's values) | average (mean over subnetworks that trained it)
-    shared_precision: str = "fp32"  # fp32 | fp16: IST averages the shared parameters' change per round in fp16 (half the bytes)
+    width: float = 1.0  # channel multiplier (1.0 = 64/128/256/512); small values for CPU runs
+    method: str = "ist"  # ist | local-sgd | dp (one process: the full model, whatever the method)
+    subnets: int = 0  # IST subnetworks S; 0 = one per process; processes must be a multiple of S
+    min_depth: int = 0  # least partitioned blocks per subnetwork (extra blocks are shared and averaged)
+    aggregate: str = "copy"  # copy (the owner's values) | average (mean over subnetworks that trained it)
+    shared_precision: str = (
+        "fp32"  # fp32 | fp16: IST averages the shared parameters' change per round in fp16 (half the bytes)
+    )
     optimizer_state: str = "average"  # ist/local-sgd: average (momentum aggregated with the weights) | restart (zeroed every round, as the reference)
-    outer_lr: float = 1.0           # ist/local-sgd: outer step on the round's aggregated change (DiLoCo: 0.7; 1 = plain aggregation)
-    outer_momentum: float = 0.0     # ist/local-sgd: Nesterov momentum of the outer step (DiLoCo: 0.9; 0 = none)
+    outer_lr: float = (
+        1.0  # ist/local-sgd: outer step on the round's aggregated change (DiLoCo: 0.7; 1 = plain aggregation)
+    )
+    outer_momentum: float = 0.0  # ist/local-sgd: Nesterov momentum of the outer step (DiLoCo: 0.9; 0 = none)
     warmup_local_sgd_epochs: float = 0.0  # ist: local SGD on the full model for this many epochs before IST starts
-    local_iters: int = 50           # local steps between aggregations (one round); logging granularity for dp
-    epochs: float = 1.0             # passes over the training set, all ranks together
-    batch_size: int = 128           # per process
-    lr: float = 0.1                 # peak learning rate
-    momentum: float = 0.9           # SGD momentum
-    weight_decay: float = 5e-4      # L2 on all parameters
-    schedule: str = "step"          # step (/10 at 50% and 75%) | cosine
-    warmup_epochs: float = 0.5      # linear warm-up from lr/10 over this many epochs (every method, one process too)
-    lr_scaling: str = "linear"      # linear: peak lr x processes (Goyal et al.), for every method | none
-    bn_batches: int = 8             # training batches that recalibrate BatchNorm statistics before evaluation
-    eval_every: int = 0             # rounds between evaluations (0 = only at the end)
+    local_iters: int = 50  # local steps between aggregations (one round); logging granularity for dp
+    epochs: float = 1.0  # passes over the training set, all ranks together
+    batch_size: int = 128  # per process
+    lr: float = 0.1  # peak learning rate
+    momentum: float = 0.9  # SGD momentum
+    weight_decay: float = 5e-4  # L2 on all parameters
+    schedule: str = "step"  # step (/10 at 50% and 75%) | cosine
+    warmup_epochs: float = 0.5  # linear warm-up from lr/10 over this many epochs (every method, one process too)
+    lr_scaling: str = "linear"  # linear: peak lr x processes (Goyal et al.), for every method | none
+    bn_batches: int = 8  # training batches that recalibrate BatchNorm statistics before evaluation
+    eval_every: int = 0  # rounds between evaluations (0 = only at the end)
     eval_every_epochs: float = 0.0  # also evaluate at the first round end after every this many epochs (0 = off)
-    eval_batch_size: int = 256      # evaluation batch
-    checkpoint_every: int = 0       # rounds between checkpoints (0 = only on a signal)
-    checkpoint: str | None = None   # checkpoint path (default: the --out file with .ckpt.pt)
-    stop_signal: str = "USR2"       # USR1 | USR2 | TERM: the time-limit warning (SIGTERM always stops too); USR2 is safe beside NCCL
-    resume: bool = False            # continue from the checkpoint if it exists
-    seed: int = 0                   # seeds the model, the plans, the data order and augmentation
-    device: str = "auto"            # auto (the local rank's GPU if CUDA works, else CPU) | cpu | cuda
-    threads: int = 0                # torch intra-op threads per process (0 = torch's default)
-    out: str | None = None          # timing file (default: runs/<method>-<dataset>-np<N>[-<jobid>].h5)
-    plan_check_every: int = 10      # rounds between cross-rank checks of the plan digest
+    eval_batch_size: int = 256  # evaluation batch
+    checkpoint_every: int = 0  # rounds between checkpoints (0 = only on a signal)
+    checkpoint: str | None = None  # checkpoint path (default: the --out file with .ckpt.pt)
+    stop_signal: str = (
+        "USR2"  # USR1 | USR2 | TERM: the time-limit warning (SIGTERM always stops too); USR2 is safe beside NCCL
+    )
+    resume: bool = False  # continue from the checkpoint if it exists
+    seed: int = 0  # seeds the model, the plans, the data order and augmentation
+    device: str = "auto"  # auto (the local rank's GPU if CUDA works, else CPU) | cpu | cuda
+    threads: int = 0  # torch intra-op threads per process (0 = torch's default)
+    out: str | None = None  # timing file (default: runs/<method>-<dataset>-np<N>[-<jobid>].h5)
+    plan_check_every: int = 10  # rounds between cross-rank checks of the plan digest
 
     def validate(self) -> None:
         """Numbers that cannot work give one clear error before any process starts computing."""
         checks = [
-            (self.method in METHODS, f"--method {self.method!r}: choose one of {', '.join(METHODS)}"),
-            (self.aggregate in AGGREGATES, f"--aggregate {self.aggregate!r}: choose copy or average"),
-            (self.schedule in SCHEDULES, f"--schedule {self.schedule!r}: choose step or cosine"),
-            (self.shared_precision in ("fp32", "fp16"), f"--shared-precision {self.shared_precision!r}: choose fp32 or fp16"),
+            _one_of("--method", self.method, METHODS),
+            _one_of("--aggregate", self.aggregate, AGGREGATES),
+            _one_of("--schedule", self.schedule, SCHEDULES),
+            _one_of("--shared-precision", self.shared_precision, SHARED_PRECISIONS),
+            _one_of("--optimizer-state", self.optimizer_state, OPTIMIZER_STATES),
+            _one_of("--lr-scaling", self.lr_scaling, LR_SCALINGS),
+            _one_of("--stop-signal", self.stop_signal, STOP_SIGNALS),
+            _one_of("--device", self.device, DEVICES),
             (self.lr > 0, f"--lr {self.lr} must be positive"),
-            (self.optimizer_state in OPTIMIZER_STATES, f"--optimizer-state {self.optimizer_state!r}: choose restart or average"),
-            (self.lr_scaling in LR_SCALINGS, f"--lr-scaling {self.lr_scaling!r}: choose none or linear"),
             (self.outer_lr > 0, f"--outer-lr {self.outer_lr} must be positive"),
             (0 <= self.outer_momentum < 1, f"--outer-momentum {self.outer_momentum} must be in [0, 1)"),
-            (self.warmup_local_sgd_epochs >= 0 and self.warmup_epochs >= 0,
-             "--warmup-epochs and --warmup-local-sgd-epochs must not be negative"),
+            (
+                self.warmup_local_sgd_epochs >= 0 and self.warmup_epochs >= 0,
+                "--warmup-epochs and --warmup-local-sgd-epochs must not be negative",
+            ),
             (self.batch_size > 0, f"--batch-size {self.batch_size} must be at least 1"),
             (self.local_iters > 0, f"--local-iters {self.local_iters} must be at least 1"),
             (self.epochs > 0, f"--epochs {self.epochs} must be positive"),
@@ -73,12 +92,14 @@ class Config:
             (self.subnets >= 0, f"--subnets {self.subnets} must be at least 1 (0 = one per process)"),
             (self.min_depth >= 0, f"--min-depth {self.min_depth} must not be negative"),
             (self.momentum >= 0 and self.weight_decay >= 0, "--momentum and --weight-decay must not be negative"),
-            (self.eval_every >= 0 and self.checkpoint_every >= 0 and self.eval_every_epochs >= 0,
-             "--eval-every, --eval-every-epochs and --checkpoint-every must not be negative"),
-            (self.synthetic_size > 0 and self.eval_batch_size > 0 and self.bn_batches >= 0,
-             "--synthetic-size, --eval-batch-size must be positive and --bn-batches not negative"),
-            (self.stop_signal in ("USR1", "USR2", "TERM"), f"--stop-signal {self.stop_signal!r}: choose USR1, USR2 or TERM"),
-            (self.device in ("auto", "cpu", "cuda"), f"--device {self.device!r}: choose auto, cpu or cuda"),
+            (
+                self.eval_every >= 0 and self.checkpoint_every >= 0 and self.eval_every_epochs >= 0,
+                "--eval-every, --eval-every-epochs and --checkpoint-every must not be negative",
+            ),
+            (
+                self.synthetic_size > 0 and self.eval_batch_size > 0 and self.bn_batches >= 0,
+                "--synthetic-size, --eval-batch-size must be positive and --bn-batches not negative",
+            ),
         ]
         for ok, message in checks:
             if not ok:

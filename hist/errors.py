@@ -1,4 +1,5 @@
 """User-facing errors: one line saying what is wrong, where, and what to do."""
+
 from __future__ import annotations
 
 import errno

@@ -1,33 +1,41 @@
-"""One launch function for a laptop, `horovodrun`, `mpirun` or `srun`: wire the parts and train.
+"""The composition root: one launch function for a laptop, `horovodrun`, `mpirun` or `srun`.
 
-Everything that can be checked identically on every rank (options, data files, the output
-folder) is checked before MPI starts, so bad input ends every rank with the same clear line.
+It wires the floors together (data, model, method, communication, files) and hands them to
+the round loop. Everything that can be checked identically on every rank (options, data
+files, the output folder) is checked before MPI starts, so bad input ends every rank with the
+same clear line; what needs the ranks to agree (a clashing run, a bad checkpoint, a failed
+first write) is agreed on and said once, by rank 0.
 """
+
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from . import checkpoint as ckpt
 from . import data as datasets
+from .choices import run_label
+from .comm import Synchroniser
 from .config import Config
+from .engine import Result, StopFlag, peak_lr, train
 from .errors import CollectiveError, HistError
-from .models import BLOCK_COUNTS, build_model
-from .plan import validate as validate_plan
-from .runlock import RunLock
-from .timings import TimingWriter
-from .train import Result, StopFlag, train
+from .io import checkpoint as ckpt
+from .io.runlock import RunLock
+from .io.timings import TimingWriter
+from .methods import build_method
+from .models import ARCHS, build_model, partitioned_block_count
+from .models.plan import validate as validate_plan
 from .world import world_info_from_env
 
 
-def resolve_device(choice: str, local_rank: int):
-    import torch
+def resolve_device(choice: str, local_rank: int) -> torch.device:
     if choice == "cpu":
         return torch.device("cpu")
     usable = torch.cuda.is_available() and torch.cuda.device_count() > 0
@@ -36,15 +44,18 @@ def resolve_device(choice: str, local_rank: int):
     if choice == "cuda":
         raise HistError("--device cuda but no usable CUDA device; use --device cpu or auto")
     if os.environ.get("CUDA_VISIBLE_DEVICES"):
-        warnings.warn(f"CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']} but CUDA is not "
-                      f"usable here; training on the CPU")
+        warnings.warn(
+            f"CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']} but CUDA is not "
+            f"usable here; training on the CPU"
+        )
     return torch.device("cpu")
 
 
 def default_out(cfg: Config, world_size: int) -> Path:
     job = os.environ.get("SLURM_JOB_ID")
-    method = cfg.method if world_size > 1 else "single"
-    return Path("runs") / f"{method}-{cfg.dataset}-np{world_size}{'-' + job if job else ''}.h5"
+    return (
+        Path("runs") / f"{run_label(cfg.method, world_size)}-{cfg.dataset}-np{world_size}{'-' + job if job else ''}.h5"
+    )
 
 
 def check_writable(path: Path) -> None:
@@ -56,104 +67,182 @@ def check_writable(path: Path) -> None:
         raise HistError(f"cannot write --out {path}: permission denied; choose a writable place")
 
 
-def versions(sync, device) -> dict:
+def versions(sync: Synchroniser, device: torch.device) -> dict:
     import h5py
     import numpy
-    import torch
-    import horovod
+
     from . import __version__
-    info = {"hist": __version__, "torch": torch.__version__, "horovod": horovod.__version__,
-            "mpi": sync.MPI.Get_library_version().splitlines()[0].strip(), "numpy": numpy.__version__,
-            "h5py": h5py.__version__, "hdf5": h5py.version.hdf5_version, "python": sys.version.split()[0],
-            "cuda": torch.version.cuda or "none", "device": str(device)}
+
+    info = {
+        "hist": __version__,
+        "torch": torch.__version__,
+        **sync.library_versions(),
+        "numpy": numpy.__version__,
+        "h5py": h5py.__version__,
+        "hdf5": h5py.version.hdf5_version,
+        "python": sys.version.split()[0],
+        "cuda": torch.version.cuda or "none",
+        "device": str(device),
+    }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
 
 
-def run_training(cfg: Config) -> Result:
+@dataclass
+class Checked:
+    """What the options resolve to, checked before any process talks to another."""
+
+    subnets: int
+    out: Path
+    checkpoint: Path
+    device: torch.device
+
+
+def check_options(cfg: Config, world_size: int, local_rank: int) -> Checked:
+    """Phase 1, on every rank alike, before MPI: options that cannot work give one line."""
     cfg.validate()
-    world = world_info_from_env()
     if cfg.dataset not in datasets.DATASETS:
         raise HistError(f"unknown dataset {cfg.dataset!r}; choose one of {', '.join(datasets.DATASETS)}")
-    arch_depth = cfg.arch.removeprefix("preact_resnet")
-    if not arch_depth.isdigit() or int(arch_depth) not in BLOCK_COUNTS:
-        raise HistError(f"unknown --arch {cfg.arch!r}; choose preact_resnet18, 34, 101 or 152")
-    subnets = cfg.subnets or (world.size if cfg.method == "ist" else 1)
-    if cfg.method != "ist":
-        subnets = 1
+    if cfg.arch not in ARCHS:
+        raise HistError(f"unknown --arch {cfg.arch!r}; choose one of {', '.join(ARCHS)}")
+    subnets = (cfg.subnets or world_size) if cfg.method == "ist" else 1
     try:
-        validate_plan(BLOCK_COUNTS[int(arch_depth)][2] - 1, subnets, cfg.min_depth)
+        validate_plan(partitioned_block_count(cfg.arch), subnets, cfg.min_depth)
     except ValueError as e:
-        raise HistError(str(e))
-    if world.size % subnets:
-        raise HistError(f"{world.size} processes cannot form {subnets} equal subnetworks; "
-                        f"launch a multiple of --subnets processes")
-    out = Path(cfg.out) if cfg.out else default_out(cfg, world.size)
+        raise HistError(
+            f"--subnets {subnets} with --min-depth {cfg.min_depth} on {cfg.arch}: {e}; use fewer "
+            f"subnetworks, a smaller --min-depth or a deeper --arch"
+        )
+    if world_size % subnets:
+        raise HistError(
+            f"{world_size} processes cannot form {subnets} equal subnetworks; launch a multiple of --subnets processes"
+        )
+    out = Path(cfg.out) if cfg.out else default_out(cfg, world_size)
     check_writable(out)
-    checkpoint_path = Path(cfg.checkpoint) if cfg.checkpoint else out.with_suffix(".ckpt.pt")
+    checkpoint = Path(cfg.checkpoint) if cfg.checkpoint else out.with_suffix(".ckpt.pt")
+    return Checked(subnets, out, checkpoint, resolve_device(cfg.device, local_rank))
+
+
+def load_data(cfg: Config, world_size: int):
+    """Phase 2, before MPI: the splits, and a batch that fits every rank's shard."""
+    train_split, test_split = datasets.load(
+        cfg.dataset, Path(cfg.data_dir) if cfg.data_dir else None, cfg.seed, synthetic_size=cfg.synthetic_size
+    )
+    shard = len(train_split.labels) // world_size
+    if cfg.batch_size > shard:
+        raise HistError(
+            f"--batch-size {cfg.batch_size} is larger than the {shard} training images each of the "
+            f"{world_size} ranks gets; use a batch of at most {shard}"
+        )
+    return train_split, test_split
+
+
+def agree(sync: Synchroniser, error: HistError | None, what: str) -> None:
+    """Every rank learns whether rank 0 failed; all raise together, rank 0 says why."""
+    if sync.any_over_world(error is not None):
+        raise CollectiveError(str(error) if error else what)
+
+
+def claim_outputs(sync: Synchroniser, checked: Checked) -> RunLock | None:
+    """Phase 3: rank 0 locks the timing file and checkpoint against a second run."""
+    lock, error = None, None
+    if sync.rank == 0:
+        try:
+            lock = RunLock([checked.out, checked.checkpoint])
+        except HistError as e:
+            error = e
+    agree(sync, error, "another run holds the output files")
+    return lock
+
+
+def load_resume_state(cfg: Config, checked: Checked, identity: dict) -> dict | None:
+    if not (cfg.resume and checked.checkpoint.is_file()):
+        return None
+    try:  # every rank reads the same file and fails the same way: say it once
+        return ckpt.load(checked.checkpoint, identity)
+    except HistError as e:
+        raise CollectiveError(str(e)) from None
+
+
+def open_recorder(cfg, sync, checked, device, train_data, test_data, resume_state, hosts) -> TimingWriter | None:
+    """Phase 4: rank 0 creates (or continues) the timing file."""
+    recorder, error = None, None
+    if sync.rank == 0:
+        meta = {
+            "method": run_label(cfg.method, sync.size),
+            "dataset": cfg.dataset,
+            "arch": cfg.arch,
+            "width": cfg.width,
+            "world_size": sync.size,
+            "subnets": checked.subnets,
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
+            "hosts": hosts,
+            "versions": versions(sync, device),
+            "config": cfg.as_dict(),
+            "train_images": len(train_data),
+            "test_images": len(test_data),
+            "steps_per_epoch": train_data.steps_per_epoch,
+        }
+        try:
+            recorder = TimingWriter(checked.out, meta, sync.size, resume_state["round"] if resume_state else 0)
+        except HistError as e:
+            error = e
+    agree(sync, error, "rank 0 could not create the timing file")
+    return recorder
+
+
+def run_training(cfg: Config) -> Result:
+    world = world_info_from_env()
+    checked = check_options(cfg, world.size, world.local_rank)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device, world.local_rank)
-    train_split, test_split = datasets.load(cfg.dataset, Path(cfg.data_dir) if cfg.data_dir else None,
-                                            cfg.seed, synthetic_size=cfg.synthetic_size)
-
+    train_split, test_split = load_data(cfg, world.size)
     stop = StopFlag(cfg.stop_signal)
     stop.install()  # before MPI starts, so an early SIGTERM is not lost
-    from .sync import Synchroniser
-    on_cpu = device.type == "cpu"
-    sync = Synchroniser(subnets, cycle_time_ms=50 if on_cpu else None, yield_when_idle=on_cpu)
+
+    on_cpu = checked.device.type == "cpu"
+    sync = Synchroniser(checked.subnets, cycle_time_ms=50 if on_cpu else None, yield_when_idle=on_cpu)
     options_digest = hashlib.sha256(json.dumps(cfg.as_dict(), sort_keys=True).encode()).digest()
     sync.check_same(int.from_bytes(options_digest[:7], "little"), "options")
-    # Rank 0 owns the output files; every rank learns whether another run holds them.
-    lock, lock_error = None, None
-    if sync.rank == 0:
-        try:
-            lock = RunLock([out, checkpoint_path])
-        except HistError as e:
-            lock_error = e
-    if sync.any_over_world(lock_error is not None):
-        raise CollectiveError(str(lock_error) if lock_error else "another run holds the output files")
-    identity = {**{k: getattr(cfg, k) for k in ckpt.IDENTITY_KEYS if hasattr(cfg, k)},
-                "subnets": subnets, "world_size": sync.size}
-    resume_state = None
-    if cfg.resume and checkpoint_path.is_file():
-        try:  # every rank reads the same file and fails the same way: say it once
-            resume_state = ckpt.load(checkpoint_path, identity)
-        except HistError as e:
-            raise CollectiveError(str(e)) from None
+    lock = claim_outputs(sync, checked)
+    identity = {
+        **{k: getattr(cfg, k) for k in ckpt.IDENTITY_KEYS if hasattr(cfg, k)},
+        "subnets": checked.subnets,
+        "world_size": sync.size,
+    }
+    resume_state = load_resume_state(cfg, checked, identity)
 
     torch.manual_seed(cfg.seed)
+    device = checked.device
     model = build_model(cfg.arch, datasets.NUM_CLASSES[cfg.dataset], cfg.width).to(device)
-    train_data = datasets.DeviceLoader(train_split, cfg.dataset, cfg.batch_size, device, cfg.seed,
-                                       sync.rank, sync.size, augment=True)
-    test_data = datasets.DeviceLoader(test_split, cfg.dataset, cfg.eval_batch_size, device, cfg.seed,
-                                      augment=False)
-    hosts = sync.world.allgather(world.host)
-    recorder, start_error = None, None
-    if sync.rank == 0:
-        meta = {"method": cfg.method if sync.size > 1 else "single", "dataset": cfg.dataset,
-                "arch": cfg.arch, "width": cfg.width, "world_size": sync.size, "subnets": subnets,
-                "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""), "hosts": hosts,
-                "versions": versions(sync, device), "config": cfg.as_dict(),
-                "train_images": len(train_data), "test_images": len(test_data),
-                "steps_per_epoch": train_data.steps_per_epoch}
-        try:
-            recorder = TimingWriter(out, meta, sync.size, resume_state["round"] if resume_state else 0)
-        except HistError as e:
-            start_error = e
-    if sync.any_over_world(start_error is not None):
-        raise CollectiveError(str(start_error) if start_error else "rank 0 could not create the timing file")
+    train_data = datasets.DeviceLoader(
+        train_split, cfg.dataset, cfg.batch_size, device, cfg.seed, sync.rank, sync.size, augment=True
+    )
+    test_data = datasets.DeviceLoader(test_split, cfg.dataset, cfg.eval_batch_size, device, cfg.seed, augment=False)
+    peak = peak_lr(cfg, sync.size)
+    method = build_method(cfg, model, sync, train_data.steps_per_epoch, peak)
+    recorder = open_recorder(
+        cfg, sync, checked, device, train_data, test_data, resume_state, sync.allgather(world.host)
+    )
+    save = functools.partial(ckpt.save, checked.checkpoint) if sync.rank == 0 else None
     log = print if sync.rank == 0 else (lambda *a, **k: None)
-    log(f"hist-train {cfg.method} on {cfg.dataset}: {sync.size} process(es), {subnets} subnetwork(s), "
-        f"{cfg.arch} width {cfg.width}, device {device}, timings -> {out}")
-    result = train(cfg, model, sync, train_data, test_data, recorder, checkpoint_path, log, stop,
-                   resume_state, identity)
+    log(
+        f"hist-train {cfg.method} on {cfg.dataset}: {sync.size} process(es), {checked.subnets} subnetwork(s), "
+        f"{cfg.arch} width {cfg.width}, device {device}, timings -> {checked.out}"
+    )
+    if resume_state is not None:
+        log(f"resuming from {checked.checkpoint}")
+    result = train(
+        cfg, model, method, sync, train_data, test_data, peak, recorder, save, log, stop, resume_state, identity
+    )
     if recorder is not None:
         recorder.finish("interrupted" if result.stopped_early else "completed", result.wall_s)
     if lock is not None:
         lock.release()
     if not result.stopped_early:
-        log(f"final test accuracy {result.final_accuracy:.2f}% test loss {result.final_loss:.4f} "
-            f"wall {result.wall_s:.1f}s")
+        log(
+            f"final test accuracy {result.final_accuracy:.2f}% test loss {result.final_loss:.4f} "
+            f"wall {result.wall_s:.1f}s"
+        )
     return result

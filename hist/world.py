@@ -3,6 +3,7 @@
 Read before any library initialises, so that the device can be chosen (the GPU of the local
 rank) and errors can name the rank and host, whichever launcher started the process.
 """
+
 from __future__ import annotations
 
 import os
@@ -38,5 +39,4 @@ def _first(names, env, default: int) -> int:
 
 def world_info_from_env(env=None) -> WorldInfo:
     env = os.environ if env is None else env
-    return WorldInfo(_first(_RANK, env, 0), _first(_SIZE, env, 1), _first(_LOCAL, env, 0),
-                     socket.gethostname())
+    return WorldInfo(_first(_RANK, env, 0), _first(_SIZE, env, 1), _first(_LOCAL, env, 0), socket.gethostname())

@@ -1,18 +1,8 @@
-"""Shared helpers: the real CIFAR-10 sample, and launching real multi-process jobs."""
-import os
-import subprocess
-import sys
-from pathlib import Path
+"""Fixtures and markers shared by the tests (helpers live in helpers.py)."""
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-
-
-def sample_dir():
-    path = os.environ.get("HIST_TEST_DATA")
-    return Path(path) if path and (Path(path) / "cifar-10-batches-py").is_dir() else None
+from helpers import sample_dir
 
 
 @pytest.fixture
@@ -23,29 +13,9 @@ def cifar_sample():
     return path
 
 
-def mpi_env(**extra):
-    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-               OMP_NUM_THREADS="1", PATH=f"{BIN}:{os.environ.get('PATH', '')}",
-               # loopback only: the test machine has no other network worth trying
-               OMPI_MCA_btl_tcp_if_include="lo", OMPI_MCA_oob_tcp_if_include="lo",
-               OMPI_MCA_rmaps_base_oversubscribe="1", HOROVOD_GLOO_IFACE="lo")
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
-
-
-def run(cmd, timeout=600, check=True, **env):
-    """Run a command (list), returning the CompletedProcess; fail with its output if it fails."""
-    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout,
-                          env=mpi_env(**env), cwd=ROOT)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{cmd} exited {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\n"
-                             f"stderr:\n{proc.stderr[-4000:]}")
-    return proc
-
-
-def horovodrun(n, *args, **kw):
-    return run([BIN / "horovodrun", "-np", n, "-H", f"localhost:{n}", *args], **kw)
-
-
-def mpirun(n, *args, **kw):
-    return run(["mpirun", "-np", n, "--oversubscribe", "--bind-to", "none", *args], **kw)
+def pytest_collection_modifyitems(items):
+    """Tests on the private Slurm are slow by nature; mark them so `-m "not slow"` skips them."""
+    for item in items:
+        if "slurm" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slurm)
+            item.add_marker(pytest.mark.slow)

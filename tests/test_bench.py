@@ -1,16 +1,32 @@
 """A smoke run of the benchmark (tiny sizes; the figures themselves are in the README)."""
+
 import json
 
 import pytest
 
-from conftest import BIN, run
-from hist.bench import bytes_per_round
+from hist.analysis.bench import bytes_per_round
 from hist.models import build_model, conv_flops
 
+from helpers import BIN, run
 
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_bench_quick_prints_every_figure(cifar_sample):
-    proc = run([BIN / "hist-bench", "--quick", "--json", "--width", "0.0625", "--batch-size", "16",
-                "--data-dir", cifar_sample], timeout=900)
+    proc = run(
+        [
+            BIN / "hist-bench",
+            "--quick",
+            "--json",
+            "--width",
+            "0.0625",
+            "--batch-size",
+            "16",
+            "--data-dir",
+            cifar_sample,
+        ],
+        timeout=900,
+    )
     r = json.loads(proc.stdout)
     assert set(r["subnet_step_ratio"]) == {"2", "4", "8"}
     assert all(0 < v < 1.5 for v in r["subnet_step_ratio"].values())
@@ -24,10 +40,11 @@ def test_byte_counts_follow_the_models_sizes():
     b = bytes_per_round(rounds=3)
     model = build_model("preact_resnet101", 100)
     full = sum(p.numel() for p in model.parameters()) * 4
-    assert b["local-sgd"]["2"] == pytest.approx(2 * full)      # 2 ranks x 2(k-1)/k x M
+    assert b["local-sgd-restart"]["2"] == pytest.approx(2 * full)  # 2 ranks x 2(k-1)/k x M
+    assert b["local-sgd"]["2"] == pytest.approx(4 * full)  # with the momentum buffers
     assert b["dp"]["8"] == pytest.approx(50 * 14 * full)
     # IST sends the shared part by allreduce and a block only to its next trainer
-    assert b["ist"]["8"] < 0.5 * b["local-sgd"]["8"]
+    assert b["ist"]["8"] < 0.5 * b["local-sgd"]["8"] and b["ist"]["8"] == pytest.approx(2 * b["ist-restart"]["8"])
     assert b["ist"]["2"] < b["ist"]["4"] < b["ist"]["8"]
 
 

@@ -2,10 +2,20 @@
 
 import pytest
 
-from conftest import BIN, horovodrun, run
+from helpers import BIN, horovodrun, run
 
-TINY = ["--arch", "preact_resnet34", "--width", "0.0625", "--batch-size", "16", "--synthetic-size", "256",
-        "--threads", "1"]
+TINY = [
+    "--arch",
+    "preact_resnet34",
+    "--width",
+    "0.0625",
+    "--batch-size",
+    "16",
+    "--synthetic-size",
+    "256",
+    "--threads",
+    "1",
+]
 
 
 def one_line_error(proc, *needles):
@@ -18,18 +28,21 @@ def one_line_error(proc, *needles):
     return errors
 
 
-@pytest.mark.parametrize("args,needles", [
-    (["imagenet"], ["unknown dataset", "cifar10"]),
-    (["synthetic", "--lr", "-0.1"], ["--lr"]),
-    (["synthetic", "--batch-size", "0"], ["--batch-size"]),
-    (["synthetic", "--local-iters", "0"], ["--local-iters"]),
-    (["synthetic", "--epochs", "0"], ["--epochs"]),
-    (["synthetic", "--min-depth", "40"], ["--min-depth", "22"]),
-    (["synthetic", "--arch", "preact_resnet18", "--method", "ist", "--subnets", "2"], ["--subnets 2"]),
-    (["synthetic", "--subnets", "2"], ["1 processes", "multiple of --subnets"]),
-    (["synthetic", "--batch-size", "5000"], ["--batch-size 5000", "4096"]),
-    (["synthetic", "--out", "/etc/hostname/run.h5"], ["--out", "/etc/hostname"]),
-])
+@pytest.mark.parametrize(
+    "args,needles",
+    [
+        (["imagenet"], ["unknown dataset", "cifar10"]),
+        (["synthetic", "--lr", "-0.1"], ["--lr"]),
+        (["synthetic", "--batch-size", "0"], ["--batch-size"]),
+        (["synthetic", "--local-iters", "0"], ["--local-iters"]),
+        (["synthetic", "--epochs", "0"], ["--epochs"]),
+        (["synthetic", "--min-depth", "40"], ["--min-depth", "22"]),
+        (["synthetic", "--arch", "preact_resnet18", "--method", "ist", "--subnets", "2"], ["--subnets 2"]),
+        (["synthetic", "--subnets", "2"], ["1 processes", "multiple of --subnets"]),
+        (["synthetic", "--batch-size", "5000"], ["--batch-size 5000", "4096"]),
+        (["synthetic", "--out", "/etc/hostname/run.h5"], ["--out", "/etc/hostname"]),
+    ],
+)
 def test_single_process_bad_input(args, needles, tmp_path):
     cmd = [BIN / "hist-train", *args, "--threads", "1"]
     if "--out" not in args:
@@ -38,8 +51,12 @@ def test_single_process_bad_input(args, needles, tmp_path):
 
 
 def test_missing_data_folder(tmp_path):
-    proc = run([BIN / "hist-train", "cifar100", "--data-dir", tmp_path / "nowhere", "--out", tmp_path / "x.h5"],
-               check=False, timeout=120, HIST_MIRROR="http://127.0.0.1:9")  # a closed port: offline
+    proc = run(
+        [BIN / "hist-train", "cifar100", "--data-dir", tmp_path / "nowhere", "--out", tmp_path / "x.h5"],
+        check=False,
+        timeout=120,
+        HIST_MIRROR="http://127.0.0.1:9",
+    )  # a closed port: offline
     one_line_error(proc, str(tmp_path / "nowhere"), "train, test", "--data-dir")
 
 
@@ -51,28 +68,43 @@ def test_truncated_data_file(tmp_path, cifar_sample):
             (folder / f.name).write_bytes(f.read_bytes())
     blob = (folder / "test_batch").read_bytes()
     (folder / "test_batch").write_bytes(blob[:5000])
-    proc = run([BIN / "hist-train", "cifar10", "--data-dir", tmp_path, "--out", tmp_path / "x.h5"],
-               check=False, timeout=120)
+    proc = run(
+        [BIN / "hist-train", "cifar10", "--data-dir", tmp_path, "--out", tmp_path / "x.h5"], check=False, timeout=120
+    )
     one_line_error(proc, "test_batch", "truncated")
 
 
+@pytest.mark.multiprocess
 def test_bad_input_on_every_rank_ends_the_job_without_hanging(tmp_path):
-    proc = horovodrun(2, BIN / "hist-train", "synthetic", *TINY, "--subnets", "4", "--out", tmp_path / "x.h5",
-                      check=False, timeout=120)
+    proc = horovodrun(
+        2,
+        BIN / "hist-train",
+        "synthetic",
+        *TINY,
+        "--subnets",
+        "4",
+        "--out",
+        tmp_path / "x.h5",
+        check=False,
+        timeout=120,
+    )
     assert proc.returncode != 0
     assert "multiple of --subnets" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_debug_shows_the_traceback(tmp_path):
-    proc = run([BIN / "hist-train", "synthetic", "--lr", "-1", "--debug", "--out", tmp_path / "x.h5"],
-               check=False, timeout=120)
+    proc = run(
+        [BIN / "hist-train", "synthetic", "--lr", "-1", "--debug", "--out", tmp_path / "x.h5"], check=False, timeout=120
+    )
     assert proc.returncode == 2 and "Traceback" in proc.stderr
 
 
+@pytest.mark.multiprocess
 def test_gloo_launch_is_refused_with_one_line(tmp_path):
     """IST uses mpi4py beside Horovod, so it needs an MPI launch; --gloo gives singleton MPI worlds."""
-    proc = horovodrun(2, "--gloo", BIN / "hist-train", "synthetic", *TINY, "--out", tmp_path / "x.h5",
-                      check=False, timeout=120)
+    proc = horovodrun(
+        2, "--gloo", BIN / "hist-train", "synthetic", *TINY, "--out", tmp_path / "x.h5", check=False, timeout=120
+    )
     assert proc.returncode != 0 and "not --gloo" in proc.stderr
     # horovodrun's own launcher prints a traceback when a rank fails; the ranks print none
     assert not [l for l in proc.stderr.splitlines() if l.startswith(("[0]", "[1]")) and "Traceback" in l]

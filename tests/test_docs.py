@@ -1,7 +1,8 @@
 """The README and docs stay true to the tree: every relative link resolves."""
+
 import re
 
-from conftest import ROOT
+from helpers import ROOT
 
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 

@@ -1,4 +1,5 @@
 """Hostile files, numerical blow-ups, full disks and clashing jobs: one line, nothing lost."""
+
 import os
 import pickle
 import random
@@ -12,10 +13,24 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import BIN, ROOT, horovodrun, mpi_env, run
+from helpers import BIN, ROOT, horovodrun, mpi_env, run
 
-TINY = ["--arch", "preact_resnet34", "--width", "0.0625", "--batch-size", "16", "--synthetic-size", "256",
-        "--threads", "1", "--local-iters", "4", "--bn-batches", "2"]
+TINY = [
+    "--arch",
+    "preact_resnet34",
+    "--width",
+    "0.0625",
+    "--batch-size",
+    "16",
+    "--synthetic-size",
+    "256",
+    "--threads",
+    "1",
+    "--local-iters",
+    "4",
+    "--bn-batches",
+    "2",
+]
 
 
 class CreatesFile:
@@ -40,13 +55,17 @@ def one_line(proc, prog, *needles, code=2):
 
 # ---------------------------------------------------------------- files that would run code
 
+
 def test_crafted_cifar_pickle_is_refused_and_runs_nothing(tmp_path, cifar_sample):
     folder = tmp_path / "cifar-10-batches-py"
     shutil.copytree(cifar_sample / "cifar-10-batches-py", folder)
     marker = tmp_path / "pwned"
     (folder / "data_batch_3").write_bytes(pickle.dumps({b"data": CreatesFile(marker), b"labels": [1]}))
-    proc = run([BIN / "hist-train", "cifar10", "--data-dir", tmp_path, "--out", tmp_path / "x.h5", *TINY],
-               check=False, timeout=120)
+    proc = run(
+        [BIN / "hist-train", "cifar10", "--data-dir", tmp_path, "--out", tmp_path / "x.h5", *TINY],
+        check=False,
+        timeout=120,
+    )
     line = one_line(proc, "hist-train", "data_batch_3", "posix.system")
     assert "not an official CIFAR file" in line
     assert not marker.exists()
@@ -54,13 +73,28 @@ def test_crafted_cifar_pickle_is_refused_and_runs_nothing(tmp_path, cifar_sample
 
 def test_the_real_cifar_files_still_load(cifar_sample):
     from hist.data import read_cifar10
+
     split = read_cifar10(cifar_sample / "cifar-10-batches-py", train=False)
     assert split.images.shape == (508, 3, 32, 32) and split.images.dtype == np.uint8
 
 
 def _resume(tmp_path, checkpoint):
-    return run([BIN / "hist-train", "synthetic", *TINY, "--epochs", "0.5", "--out", tmp_path / "x.h5",
-                "--checkpoint", checkpoint, "--resume"], check=False, timeout=180)
+    return run(
+        [
+            BIN / "hist-train",
+            "synthetic",
+            *TINY,
+            "--epochs",
+            "0.5",
+            "--out",
+            tmp_path / "x.h5",
+            "--checkpoint",
+            checkpoint,
+            "--resume",
+        ],
+        check=False,
+        timeout=180,
+    )
 
 
 def test_crafted_checkpoint_is_refused_and_runs_nothing(tmp_path):
@@ -88,6 +122,9 @@ def test_foreign_or_damaged_checkpoint_gives_one_line(tmp_path, kind):
 
 # ---------------------------------------------------------------- numerical blow-up
 
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_a_diverging_run_stops_on_every_rank_and_keeps_the_good_rounds(tmp_path):
     out = tmp_path / "d.h5"
     ckpt = out.with_suffix(".ckpt.pt")
@@ -96,8 +133,9 @@ def test_a_diverging_run_stops_on_every_rank_and_keeps_the_good_rounds(tmp_path)
     good = torch.load(ckpt, map_location="cpu", weights_only=True)
     start = time.time()
     # continued with an absurd learning rate, as a user trying a bigger one would
-    proc = horovodrun(2, BIN / "hist-train", *args, "--epochs", "3", "--lr", "1e12", "--resume",
-                      check=False, timeout=240)
+    proc = horovodrun(
+        2, BIN / "hist-train", *args, "--epochs", "3", "--lr", "1e12", "--resume", check=False, timeout=240
+    )
     assert time.time() - start < 200  # no rank waited for another
     line = one_line(proc, "hist-train", "diverged", "round", "rank", "--lr")
     with h5py.File(out) as f:
@@ -112,11 +150,13 @@ def test_a_diverging_run_stops_on_every_rank_and_keeps_the_good_rounds(tmp_path)
 
 # ---------------------------------------------------------------- full and failing disks
 
+
 def _small_fs(tmp_path, size="3m"):
     mnt = tmp_path / "small"
     mnt.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True, text=True
+    )
     if proc.returncode:
         pytest.skip(f"cannot mount a size-limited tmpfs here ({proc.stderr.strip()})")
     return mnt
@@ -124,11 +164,20 @@ def _small_fs(tmp_path, size="3m"):
 
 def _spawn(args):
     cmd = [BIN / "horovodrun", "-np", "2", "-H", "localhost:2", BIN / "hist-train", *args]
-    return subprocess.Popen([str(c) for c in cmd], env=mpi_env(), cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen(
+        [str(c) for c in cmd],
+        env=mpi_env(),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 @pytest.mark.parametrize("fault", ["disk-full", "read-only"])
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_a_failing_disk_ends_the_job_with_one_line_and_keeps_the_checkpoint(tmp_path, fault):
     mnt = _small_fs(tmp_path)
     try:
@@ -167,6 +216,9 @@ def test_a_failing_disk_ends_the_job_with_one_line_and_keeps_the_checkpoint(tmp_
 
 # ---------------------------------------------------------------- clashing jobs
 
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_a_second_run_on_the_same_output_refuses_to_start(tmp_path):
     out = tmp_path / "shared.h5"
     first = _spawn(["synthetic", *TINY, "--epochs", "6", "--checkpoint-every", "2", "--out", out])
@@ -193,20 +245,21 @@ def test_a_second_run_on_the_same_output_refuses_to_start(tmp_path):
 
 # ---------------------------------------------------------------- damaged timing files
 
+
 def _damage(src, dst, rng):
     blob = bytearray(src.read_bytes())
     how = rng.choice(["truncate", "flip", "half", "zero-block", "drop-dataset"])
     if how == "truncate":
-        blob = blob[:rng.randrange(len(blob))]
+        blob = blob[: rng.randrange(len(blob))]
     elif how == "flip":
         for _ in range(rng.randint(1, 8)):
             i = rng.randrange(len(blob))
             blob[i] ^= 1 << rng.randrange(8)
     elif how == "half":
-        blob = blob[:len(blob) // 2] + bytes(len(blob) - len(blob) // 2)
+        blob = blob[: len(blob) // 2] + bytes(len(blob) - len(blob) // 2)
     elif how == "zero-block":
         i = rng.randrange(len(blob))
-        blob[i:i + 512] = bytes(len(blob[i:i + 512]))
+        blob[i : i + 512] = bytes(len(blob[i : i + 512]))
     dst.write_bytes(bytes(blob))
     if how == "drop-dataset":
         with h5py.File(dst, "a") as f:
@@ -214,8 +267,10 @@ def _damage(src, dst, rng):
     return how
 
 
+@pytest.mark.slow
 def test_report_fuzz_damaged_files_give_one_line_each(tmp_path):
     from test_report import write_run
+
     good = write_run(tmp_path / "good.h5", "single", 1, 4.0)
     bad_dir = tmp_path / "damaged"
     bad_dir.mkdir()
@@ -224,8 +279,7 @@ def test_report_fuzz_damaged_files_give_one_line_each(tmp_path):
         _damage(good, bad_dir / f"copy{i:03d}.h5", rng)
     shutil.copy(good, bad_dir / "zz-good.h5")
     start = time.time()
-    proc = subprocess.run([BIN / "hist-report", bad_dir, "--no-figures"], capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run([BIN / "hist-report", bad_dir, "--no-figures"], capture_output=True, text=True, timeout=300)
     assert time.time() - start < 240
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
@@ -239,6 +293,7 @@ def test_report_fuzz_damaged_files_give_one_line_each(tmp_path):
 
 def test_report_with_only_damaged_files_fails_with_one_line(tmp_path):
     from test_report import write_run
+
     good = write_run(tmp_path / "good.h5", "single", 1, 4.0)
     bad = tmp_path / "bad.h5"
     bad.write_bytes(good.read_bytes()[:1000])

@@ -1,6 +1,6 @@
 import pytest
 
-from hist.plan import make_plan, validate
+from hist.models.plan import make_plan, validate
 
 
 @pytest.mark.parametrize("subnets", [1, 2, 3, 4, 8, 22])

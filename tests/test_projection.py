@@ -1,7 +1,8 @@
 """The latency-bandwidth projection: exact on hand-made numbers, sane on ResNet-101."""
+
 import pytest
 
-from hist.projection import Network, Workload, epoch_seconds, ist_subnets, project, workload_for
+from hist.analysis.projection import Network, Workload, epoch_seconds, ist_subnets, project, workload_for
 
 
 def test_collective_costs():
@@ -12,8 +13,15 @@ def test_collective_costs():
 
 
 def test_epoch_time_formulas():
-    w = Workload(step_s=0.1, images=1000, batch=10, local_iters=5, shared_bytes=100.0,
-                 block_bytes=(50.0,) * 4, shared_flop_share=0.5)
+    w = Workload(
+        step_s=0.1,
+        images=1000,
+        batch=10,
+        local_iters=5,
+        shared_bytes=100.0,
+        block_bytes=(50.0,) * 4,
+        shared_flop_share=0.5,
+    )
     net = Network(1e-3, 1e4)
     assert epoch_seconds("single", 1, w, net) == pytest.approx(100 * 0.1)
     steps, rounds = 1000 / 20, 1000 / 20 / 5
@@ -29,11 +37,12 @@ def test_resnet101_projection_orders_the_methods():
     curves = project(w, Network())
     assert all(curves[m][1] == pytest.approx(1.0) for m in curves)
     assert curves["ist"][8] > 8 > curves["local-sgd"][8] > curves["dp"][8]  # more than linear for IST
-    assert set(curves["ist"]) == {2 ** i for i in range(11)}
+    assert set(curves["ist"]) == {2**i for i in range(11)}
 
 
 def test_points_beyond_the_data_or_the_published_batch_are_marked():
-    from hist.projection import caveats
+    from hist.analysis.projection import caveats
+
     w = workload_for("preact_resnet101", 10, 0.0625, step_s=0.1, images=50000, batch=128, local_iters=50)
     assert caveats(4, w) == []  # 97.7 steps a GPU, global batch 512
     assert caveats(8, w) == ["48.8 steps per GPU per epoch, fewer than one round of 50"]

@@ -1,4 +1,5 @@
 """Timing files and hist-report on files the test writes with known values."""
+
 import json
 import subprocess
 import sys
@@ -6,22 +7,34 @@ import sys
 import h5py
 import pytest
 
-from hist.report import load_runs, merge, summarise
-from hist.timings import SCHEMA_VERSION, TimingWriter, read_run
+from hist.analysis.report import load_runs, merge, summarise
+from hist.io.timings import SCHEMA_VERSION, TimingWriter, read_run
 
 BIN = __import__("pathlib").Path(sys.executable).parent
 
 
-def write_run(path, method, world, seconds_per_round, rounds=4, accs=(50.0, 80.0), sent=1000,
-              dataset="synthetic"):
-    meta = {"method": method, "dataset": dataset, "arch": "preact_resnet18", "width": 0.25,
-            "world_size": world, "subnets": world, "config": {"seed": 0, "batch_size": 10, "local_iters": 10},
-            "hosts": ["h"] * world, "train_images": 200}
+def write_run(path, method, world, seconds_per_round, rounds=4, accs=(50.0, 80.0), sent=1000, dataset="synthetic"):
+    meta = {
+        "method": method,
+        "dataset": dataset,
+        "arch": "preact_resnet18",
+        "width": 0.25,
+        "world_size": world,
+        "subnets": world,
+        "config": {"seed": 0, "batch_size": 10, "local_iters": 10},
+        "hosts": ["h"] * world,
+        "train_images": 200,
+    }
     w = TimingWriter(path, meta, world)
     for r in range(rounds):
-        per_rank = {"compute_s": [seconds_per_round * 0.5] * world, "data_s": [seconds_per_round * 0.25] * world,
-                    "sync_s": [seconds_per_round * 0.25] * world, "bytes_sent": [sent] * world,
-                    "bytes_received": [sent] * world, "loss": [1.0 / (r + 1)] * world}
+        per_rank = {
+            "compute_s": [seconds_per_round * 0.5] * world,
+            "data_s": [seconds_per_round * 0.25] * world,
+            "sync_s": [seconds_per_round * 0.25] * world,
+            "bytes_sent": [sent] * world,
+            "bytes_received": [sent] * world,
+            "loss": [1.0 / (r + 1)] * world,
+        }
         w.add_round(r, 10, (r + 1) * 0.5, (r + 1) * seconds_per_round, per_rank)
         if r % 2 == 1:
             w.add_eval(r, (r + 1) * 0.5, (r + 1) * seconds_per_round, 1.0, accs[r // 2])
@@ -71,12 +84,22 @@ def test_cli_prints_table_json_and_writes_valid_figures(runs_dir):
         png = (out / f"{name}.png").read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
         assert (out / f"{name}.svg").read_text().lstrip().startswith("<?xml")
-    proc = subprocess.run([BIN / "hist-report", runs_dir / "ist2.h5", runs_dir / "single.h5",
-                           "--format", "json", "--no-figures"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [BIN / "hist-report", runs_dir / "ist2.h5", runs_dir / "single.h5", "--format", "json", "--no-figures"],
+        capture_output=True,
+        text=True,
+    )
     rows = json.loads(proc.stdout)
     assert {r["method"] for r in rows} == {"ist", "single"}
-    assert {"method", "world_size", "epochs", "seconds_per_epoch", "speedup", "final_accuracy",
-            "bytes_per_round"} <= set(rows[0])
+    assert {
+        "method",
+        "world_size",
+        "epochs",
+        "seconds_per_epoch",
+        "speedup",
+        "final_accuracy",
+        "bytes_per_round",
+    } <= set(rows[0])
 
 
 def test_a_killed_run_still_reports(tmp_path):
@@ -133,13 +156,14 @@ def test_default_target_is_the_single_runs_accuracy_minus_one_point(runs_dir):
 
 
 def test_paper_table_has_a_row_per_method_and_a_column_per_process_count(runs_dir):
-    from hist.report import format_paper_table
+    from hist.analysis.report import format_paper_table
+
     write_run(runs_dir / "local2.h5", "local-sgd", 2, 1.5, accs=(45.0, 78.0))
     write_run(runs_dir / "ist2-seed1.h5", "ist", 2, 1.0, accs=(50.0, 76.0), sent=300)
     rows, notes = summarise(load_runs([runs_dir]), target_accuracy=75.0)
     ist = next(r for r in rows if r["method"] == "ist")
     assert ist["runs"] == 2 and ist["final_accuracy"] == pytest.approx(78.0)
-    assert ist["final_accuracy_std"] == pytest.approx(2 ** 0.5 * 2)  # 80 and 76
+    assert ist["final_accuracy_std"] == pytest.approx(2**0.5 * 2)  # 80 and 76
     assert ist["speedup_vs_local_sgd"] == pytest.approx(1.5) and ist["wall_s"] == pytest.approx(4.0)
     table = format_paper_table(rows, notes)
     lines = table.splitlines()
@@ -148,6 +172,14 @@ def test_paper_table_has_a_row_per_method_and_a_column_per_process_count(runs_di
     ist_line = lines[3]
     assert "78.00% ± 2.83 (n=2)" in ist_line and "4.00x single" in ist_line and "1.50x local SGD" in ist_line
     assert "0.00 MB/round" in ist_line and "target at 4 s" in ist_line
-    proc = subprocess.run([BIN / "hist-report", runs_dir, "--format", "paper", "--no-figures"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [BIN / "hist-report", runs_dir, "--format", "paper", "--no-figures"], capture_output=True, text=True
+    )
     assert proc.returncode == 0 and proc.stdout.startswith("| method |"), proc.stderr
+
+
+def test_round_statistics_are_the_timing_files_columns():
+    from hist.engine import RoundStats
+    from hist.io.timings import RANK_COLUMNS
+
+    assert list(RoundStats.__dataclass_fields__) == list(RANK_COLUMNS)

@@ -1,6 +1,7 @@
 """Which ranks exchange which blocks: the pure part of synchronisation (no MPI needed)."""
-from hist.plan import make_plan
-from hist.sync import Traffic, round_bytes, schedule_blocks
+
+from hist.comm import Traffic, round_bytes, schedule_blocks
+from hist.models.plan import make_plan
 
 
 def test_copy_sends_each_block_from_its_owner_only_to_next_trainers():
@@ -33,7 +34,7 @@ def test_average_reduces_over_all_holders_first():
     plan, nxt = make_plan(0, 0, 22, 4, min_depth=8), make_plan(0, 1, 22, 4, min_depth=8)
     ops = schedule_blocks(plan, nxt, 1, "average")
     reduce_ops = [op for op in ops if op.kind == "allreduce"]
-    assert reduce_ops and ops[:len(reduce_ops)] == reduce_ops
+    assert reduce_ops and ops[: len(reduce_ops)] == reduce_ops
     for op in reduce_ops:
         for b in op.blocks:
             assert op.ranks == plan.holders(b)

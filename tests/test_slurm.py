@@ -1,4 +1,5 @@
 """The Slurm templates: golden command lines, and real jobs on a private Slurm (tests/slurm)."""
+
 import os
 import re
 import subprocess
@@ -9,15 +10,25 @@ from pathlib import Path
 import h5py
 import pytest
 
-from conftest import ROOT, sample_dir
+from helpers import ROOT, sample_dir
 
 sys.path.insert(0, str(Path(__file__).parent / "slurm"))
 from cluster import Cluster, available  # noqa: E402
 
 GOLDEN = Path(__file__).parent / "golden"
 VENV = Path(sys.executable).parent.parent
-TINY = ["--arch", "preact_resnet34", "--width", "0.0625", "--batch-size", "32", "--local-iters", "5",
-        "--bn-batches", "2"]
+TINY = [
+    "--arch",
+    "preact_resnet34",
+    "--width",
+    "0.0625",
+    "--batch-size",
+    "32",
+    "--local-iters",
+    "5",
+    "--bn-batches",
+    "2",
+]
 
 CASES = {  # golden file -> (template, nodes, tasks)
     "single_1gpu": ("single_1gpu.sbatch", 1, 1),
@@ -30,12 +41,28 @@ CASES = {  # golden file -> (template, nodes, tasks)
 
 
 def dry_run(template, nodes, tasks, method):
-    env = dict(os.environ, HIST_DRY_RUN="1", SLURM_NTASKS=str(tasks), SLURM_JOB_ID="4242",
-               SLURM_JOB_NUM_NODES=str(nodes), SLURM_JOB_NODELIST="node[01-0%d]" % nodes,
-               SLURM_CPUS_PER_TASK="8", SLURM_SUBMIT_DIR=str(ROOT), HIST_VENV=str(VENV),
-               DATASET="cifar100", METHOD=method, HIST_DATA="/data")
-    proc = subprocess.run(["bash", ROOT / "slurm" / template, "--epochs", "2"], env=env, cwd=ROOT,
-                          capture_output=True, text=True, check=True)
+    env = dict(
+        os.environ,
+        HIST_DRY_RUN="1",
+        SLURM_NTASKS=str(tasks),
+        SLURM_JOB_ID="4242",
+        SLURM_JOB_NUM_NODES=str(nodes),
+        SLURM_JOB_NODELIST="node[01-0%d]" % nodes,
+        SLURM_CPUS_PER_TASK="8",
+        SLURM_SUBMIT_DIR=str(ROOT),
+        HIST_VENV=str(VENV),
+        DATASET="cifar100",
+        METHOD=method,
+        HIST_DATA="/data",
+    )
+    proc = subprocess.run(
+        ["bash", ROOT / "slurm" / template, "--epochs", "2"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return re.sub(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", "TIME", proc.stdout)
 
 
@@ -52,9 +79,17 @@ def test_templates_run_the_golden_command_lines(name):
 def test_templates_have_the_lines_hpc_users_expect():
     for n in (2, 4, 8):
         text = (ROOT / "slurm" / f"ist_{n}gpu.sbatch").read_text()
-        for line in (f"#SBATCH --ntasks-per-node={n}", f"#SBATCH --gres=gpu:{n}", "#SBATCH --output=%x-%j.out",
-                     "#SBATCH --signal=USR2@", "#SBATCH --requeue", "#SBATCH --time=", "#SBATCH --cpus-per-task=",
-                     "set -euo pipefail", "# EDIT"):
+        for line in (
+            f"#SBATCH --ntasks-per-node={n}",
+            f"#SBATCH --gres=gpu:{n}",
+            "#SBATCH --output=%x-%j.out",
+            "#SBATCH --signal=USR2@",
+            "#SBATCH --requeue",
+            "#SBATCH --time=",
+            "#SBATCH --cpus-per-task=",
+            "set -euo pipefail",
+            "# EDIT",
+        ):
             assert line in text, (n, line)
 
 
@@ -69,9 +104,15 @@ def slurm(tmp_path_factory):
 
 
 def job_env(out_dir, **extra):
-    env = {"HIST_VENV": str(VENV), "DATASET": "cifar10", "HIST_OUT_DIR": str(out_dir),
-           "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-           "OMPI_MCA_btl_tcp_if_include": "lo", "OMPI_MCA_oob_tcp_if_include": "lo"}
+    env = {
+        "HIST_VENV": str(VENV),
+        "DATASET": "cifar10",
+        "HIST_OUT_DIR": str(out_dir),
+        "OMPI_ALLOW_RUN_AS_ROOT": "1",
+        "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+        "OMPI_MCA_btl_tcp_if_include": "lo",
+        "OMPI_MCA_oob_tcp_if_include": "lo",
+    }
     env["HIST_DATA"] = str(sample_dir())
     env.update(extra)
     return env
@@ -80,10 +121,17 @@ def job_env(out_dir, **extra):
 def test_the_three_templates_complete_on_a_real_slurm(slurm, tmp_path, cifar_sample):
     ids = {}
     for n in (2, 4, 8):
-        ids[n] = slurm.sbatch("--cpus-per-task=1", f"--output={tmp_path}/%x-%j.out",
-                              f"slurm/ist_{n}gpu.sbatch", "--epochs", "0.5", *TINY,
-                              *(["--subnets", "4"] if n == 8 else []),  # ResNet-34 has 5 blocks to share
-                              cwd=ROOT, env=job_env(tmp_path))
+        ids[n] = slurm.sbatch(
+            "--cpus-per-task=1",
+            f"--output={tmp_path}/%x-%j.out",
+            f"slurm/ist_{n}gpu.sbatch",
+            "--epochs",
+            "0.5",
+            *TINY,
+            *(["--subnets", "4"] if n == 8 else []),  # ResNet-34 has 5 blocks to share
+            cwd=ROOT,
+            env=job_env(tmp_path),
+        )
     for n, job in ids.items():
         info = slurm.wait(job, 600)
         log = (tmp_path / f"hist-{n}gpu-{job}.out").read_text()
@@ -99,9 +147,19 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes(slurm, tmp_path, cif
     """USR2 is the templates' default (safe beside NCCL); USR1 is chosen by HIST_STOP_SIGNAL
     together with sbatch --signal, as the README says."""
     override = [] if sig == "USR2" else [f"--signal={sig}@300"]
-    job = slurm.sbatch("--cpus-per-task=1", f"--output={tmp_path}/%x-%j.out", *override, "slurm/ist_2gpu.sbatch",
-                       "--epochs", "3", "--checkpoint-every", "3", *TINY, cwd=ROOT,
-                       env=job_env(tmp_path, **({} if sig == "USR2" else {"HIST_STOP_SIGNAL": sig})))
+    job = slurm.sbatch(
+        "--cpus-per-task=1",
+        f"--output={tmp_path}/%x-%j.out",
+        *override,
+        "slurm/ist_2gpu.sbatch",
+        "--epochs",
+        "3",
+        "--checkpoint-every",
+        "3",
+        *TINY,
+        cwd=ROOT,
+        env=job_env(tmp_path, **({} if sig == "USR2" else {"HIST_STOP_SIGNAL": sig})),
+    )
     ckpt = tmp_path / f"ist-cifar10-np2-{job}.ckpt.pt"
     deadline = time.time() + 300
     while not ckpt.exists():
@@ -121,13 +179,14 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes(slurm, tmp_path, cif
 
 def test_the_sweep_submits_runs_and_a_report(slurm, tmp_path, cifar_sample):
     sweep_dir = tmp_path / "sweep"
-    env = job_env(sweep_dir, GPUS="1 2 4", METHODS="ist local-sgd dp", SWEEP_DIR=str(sweep_dir),
-                  SBATCH_ARGS="--cpus-per-task=1")
+    env = job_env(
+        sweep_dir, GPUS="1 2 4", METHODS="ist local-sgd dp", SWEEP_DIR=str(sweep_dir), SBATCH_ARGS="--cpus-per-task=1"
+    )
     out = slurm.cmd("bash", "jobs/sweep.sh", "cifar10", "--", "--epochs", "0.5", *TINY, cwd=ROOT, env=env).stdout
     ids = re.findall(r"submitted (\d+)", out)
     assert len(ids) == 8  # 1 single + (2 and 4 GPUs) x 3 methods + report
     for job in ids:
-        assert slurm.wait(job, 900)["JobState"] == "COMPLETED", (sweep_dir / "report.txt")
+        assert slurm.wait(job, 900)["JobState"] == "COMPLETED", sweep_dir / "report.txt"
     assert len(list(sweep_dir.glob("*.h5"))) == 7
     table = (sweep_dir / "report.txt").read_text()
     for method in ("single", "ist", "local-sgd", "dp"):

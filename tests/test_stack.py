@@ -1,7 +1,12 @@
 """The installed stack, for real: Horovod over Gloo and over MPI, process sets, and mpi4py beside it."""
+
 from pathlib import Path
 
-from conftest import BIN, horovodrun, mpirun, run
+import pytest
+
+from helpers import BIN, horovodrun, mpirun, run
+
+pytestmark = [pytest.mark.multiprocess]
 
 HERE = Path(__file__).parent
 

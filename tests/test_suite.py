@@ -1,11 +1,13 @@
 """The accuracy suite end to end (the smoke preset), and presets on hist-train."""
+
 import json
 
 import h5py
 import pytest
 
-from conftest import BIN, run
 from hist.presets import PRESETS
+
+from helpers import BIN, run
 
 
 def test_presets_set_defaults_and_the_command_line_wins(tmp_path):
@@ -31,11 +33,25 @@ def test_paper_and_cpu_presets_are_the_published_settings():
     assert PRESETS["paper"][1]["width"] == 1.0 and PRESETS["paper"][1]["epochs"] == 160
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_accuracy_suite_runs_every_method_then_reports_and_continues(tmp_path):
     folder = tmp_path / "suite"
-    cmd = [BIN / "hist-bench", "accuracy", "--preset", "smoke", "--dataset", "synthetic", "--processes", "1,2",
-           "--methods", "ist,local-sgd", "--out", folder]
-    proc = run(cmd, timeout=900)
+    cmd = [
+        BIN / "hist-bench",
+        "accuracy",
+        "--preset",
+        "smoke",
+        "--dataset",
+        "synthetic",
+        "--processes",
+        "1,2",
+        "--methods",
+        "ist,local-sgd",
+        "--out",
+        folder,
+    ]
+    run(cmd, timeout=900)
     names = sorted(p.name for p in folder.glob("*.h5"))
     assert names == ["ist-np2-seed0.h5", "local-sgd-np2-seed0.h5", "single-np1-seed0.h5"]
     settings = json.loads((folder / "settings.json").read_text())
@@ -53,8 +69,18 @@ def test_accuracy_suite_runs_every_method_then_reports_and_continues(tmp_path):
 
 def test_a_folder_holds_one_comparison(tmp_path):
     folder = tmp_path / "suite"
-    base = [BIN / "hist-bench", "accuracy", "--preset", "smoke", "--dataset", "synthetic", "--processes", "1",
-            "--out", folder]
+    base = [
+        BIN / "hist-bench",
+        "accuracy",
+        "--preset",
+        "smoke",
+        "--dataset",
+        "synthetic",
+        "--processes",
+        "1",
+        "--out",
+        folder,
+    ]
     run(base, timeout=300)
     proc = run(base + ["--", "--lr", "0.5"], check=False, timeout=120)
     assert proc.returncode == 2 and "other settings" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,4 +1,5 @@
 """hist-train end to end: real processes, real HDF5 files, the real CIFAR-10 sample."""
+
 import os
 import signal
 import subprocess
@@ -9,10 +10,26 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import BIN, ROOT, horovodrun, mpi_env, run
+from helpers import BIN, ROOT, horovodrun, mpi_env, run
 
-TINY = ["--arch", "preact_resnet34", "--width", "0.0625", "--batch-size", "32", "--threads", "1",
-        "--synthetic-size", "512", "--local-iters", "4", "--bn-batches", "2"]
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
+
+TINY = [
+    "--arch",
+    "preact_resnet34",
+    "--width",
+    "0.0625",
+    "--batch-size",
+    "32",
+    "--threads",
+    "1",
+    "--synthetic-size",
+    "512",
+    "--local-iters",
+    "4",
+    "--bn-batches",
+    "2",
+]
 
 
 def rounds(path):
@@ -22,9 +39,30 @@ def rounds(path):
 
 def test_ist_on_real_cifar10_sample_learns(cifar_sample, tmp_path):
     out = tmp_path / "ist.h5"
-    proc = horovodrun(2, BIN / "hist-train", "cifar10", "--data-dir", cifar_sample, "--arch", "preact_resnet34",
-                      "--width", "0.125", "--epochs", "2", "--batch-size", "32", "--local-iters", "10",
-                      "--lr", "0.05", "--threads", "1", "--out", out, timeout=600)
+    proc = horovodrun(
+        2,
+        BIN / "hist-train",
+        "cifar10",
+        "--data-dir",
+        cifar_sample,
+        "--arch",
+        "preact_resnet34",
+        "--width",
+        "0.125",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "32",
+        "--local-iters",
+        "10",
+        "--lr",
+        "0.05",
+        "--threads",
+        "1",
+        "--out",
+        out,
+        timeout=600,
+    )
     last = proc.stdout.strip().splitlines()[-1]
     assert "final test accuracy" in last
     r, e, attrs = rounds(out)
@@ -39,8 +77,21 @@ def test_ist_on_real_cifar10_sample_learns(cifar_sample, tmp_path):
 @pytest.mark.parametrize("method", ["ist", "local-sgd", "dp"])
 def test_four_processes_two_subnetworks_each_method(method, tmp_path):
     out = tmp_path / f"{method}.h5"
-    horovodrun(4, BIN / "hist-train", "synthetic", "--method", method, "--subnets", "2", "--epochs", "1",
-               *TINY, "--out", out, timeout=600)
+    horovodrun(
+        4,
+        BIN / "hist-train",
+        "synthetic",
+        "--method",
+        method,
+        "--subnets",
+        "2",
+        "--epochs",
+        "1",
+        *TINY,
+        "--out",
+        out,
+        timeout=600,
+    )
     r, e, attrs = rounds(out)
     assert attrs["world_size"] == 4 and attrs["method"] == method
     assert attrs["subnets"] == (2 if method == "ist" else 1)
@@ -72,16 +123,40 @@ def final_model(path):
 
 
 def _spawn(args, out):
-    cmd = [BIN / "horovodrun", "-np", "2", "-H", "localhost:2", BIN / "hist-train", "synthetic",
-           "--epochs", "6", *TINY, "--checkpoint-every", "2", "--out", out, *args]
-    return subprocess.Popen([str(c) for c in cmd], env=mpi_env(), cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    cmd = [
+        BIN / "horovodrun",
+        "-np",
+        "2",
+        "-H",
+        "localhost:2",
+        BIN / "hist-train",
+        "synthetic",
+        "--epochs",
+        "6",
+        *TINY,
+        "--checkpoint-every",
+        "2",
+        "--out",
+        out,
+        *args,
+    ]
+    return subprocess.Popen(
+        [str(c) for c in cmd],
+        env=mpi_env(),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def _wait_for(path, proc, timeout=240):
     deadline = time.time() + timeout
     while not path.exists():
-        assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() is not None else "timeout"
+        assert proc.poll() is None and time.time() < deadline, (
+            proc.stdout.read() if proc.poll() is not None else "timeout"
+        )
         time.sleep(0.2)
 
 
@@ -103,8 +178,9 @@ def test_killed_run_resumes_to_the_uninterrupted_model(tmp_path, how):
     r, _, _ = rounds(out)  # the killed run's file stays readable
     ref_rounds = rounds(ref)[0]["round"]
     assert len(r["round"]) < len(ref_rounds)
-    horovodrun(2, BIN / "hist-train", "synthetic", "--epochs", "6", *TINY, "--checkpoint-every", "2",
-               "--out", out, "--resume")
+    horovodrun(
+        2, BIN / "hist-train", "synthetic", "--epochs", "6", *TINY, "--checkpoint-every", "2", "--out", out, "--resume"
+    )
     r, e, attrs = rounds(out)
     assert r["round"].tolist() == ref_rounds.tolist()  # none missing, none repeated
     assert attrs["status"] == "completed"
@@ -114,8 +190,20 @@ def test_killed_run_resumes_to_the_uninterrupted_model(tmp_path, how):
 
 
 # Every option of the accuracy work at once: state that must survive a kill exactly.
-ACCURACY_OPTIONS = ["--optimizer-state", "average", "--outer-lr", "0.7", "--outer-momentum", "0.9",
-                    "--warmup-local-sgd-epochs", "1", "--lr-scaling", "linear", "--warmup-epochs", "1"]
+ACCURACY_OPTIONS = [
+    "--optimizer-state",
+    "average",
+    "--outer-lr",
+    "0.7",
+    "--outer-momentum",
+    "0.9",
+    "--warmup-local-sgd-epochs",
+    "1",
+    "--lr-scaling",
+    "linear",
+    "--warmup-epochs",
+    "1",
+]
 
 
 @pytest.mark.parametrize("method", ["ist", "local-sgd"])
@@ -133,8 +221,10 @@ def test_resume_is_exact_with_momentum_outer_step_and_warmups(tmp_path, method):
     b = torch.load(out.with_suffix(".ckpt.pt"), map_location="cpu", weights_only=True)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"] if not k.endswith("num_batches_tracked"))
     assert a["optimizer"] is not None  # momentum is aggregated, so it is global state and saved
-    moms = [(x["momentum_buffer"], y["momentum_buffer"]) for x, y in
-            zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values())]
+    moms = [
+        (x["momentum_buffer"], y["momentum_buffer"])
+        for x, y in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values())
+    ]
     assert moms and all(torch.equal(x, y) for x, y in moms)
     assert all(torch.equal(x, y) for x, y in zip(a["method"]["outer_momentum"], b["method"]["outer_momentum"]))
     assert np.array_equal(rounds(ref)[0]["loss"], rounds(out)[0]["loss"])
@@ -142,8 +232,9 @@ def test_resume_is_exact_with_momentum_outer_step_and_warmups(tmp_path, method):
 
 def test_local_sgd_warmup_rounds_train_and_send_the_full_model(tmp_path):
     out = tmp_path / "w.h5"
-    horovodrun(2, BIN / "hist-train", "synthetic", "--epochs", "4", *TINY, "--warmup-local-sgd-epochs", "2",
-               "--out", out)
+    horovodrun(
+        2, BIN / "hist-train", "synthetic", "--epochs", "4", *TINY, "--warmup-local-sgd-epochs", "2", "--out", out
+    )
     r, _, attrs = rounds(out)
     sent = r["bytes_sent"].sum(axis=1)
     # 8 steps an epoch, rounds of 4: four rounds of local SGD (the whole model averaged), then

@@ -12,15 +12,16 @@ Arguments: SUBNETS AGGREGATE MIN_DEPTH [SHARED_PRECISION [OPTIMIZER_STATE [OUTER
   `average` the identical momentum buffers.
 Prints OK on success.
 """
+
 import sys
 
 import numpy as np
 import torch
 
+from hist.comm import Synchroniser
 from hist.config import Config
+from hist.methods import IST
 from hist.models import build_model
-from hist.sync import Synchroniser
-from hist.train import IST
 
 subnets, aggregate, min_depth = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 precision = sys.argv[4] if len(sys.argv) > 4 else "fp32"
@@ -29,9 +30,19 @@ outer = (sys.argv[6] if len(sys.argv) > 6 else "plain") == "nesterov"
 OUTER_FACTOR = 0.7 * 1.9  # first round: Nesterov with a zero buffer steps lr * (1 + momentum) * change
 torch.set_num_threads(1)
 sync = Synchroniser(subnets)
-cfg = Config(arch="preact_resnet34", width=0.0625, aggregate=aggregate, min_depth=min_depth,
-             local_iters=2, seed=11, lr=0.05, shared_precision=precision, optimizer_state=opt_state,
-             outer_lr=0.7 if outer else 1.0, outer_momentum=0.9 if outer else 0.0)
+cfg = Config(
+    arch="preact_resnet34",
+    width=0.0625,
+    aggregate=aggregate,
+    min_depth=min_depth,
+    local_iters=2,
+    seed=11,
+    lr=0.05,
+    shared_precision=precision,
+    optimizer_state=opt_state,
+    outer_lr=0.7 if outer else 1.0,
+    outer_momentum=0.9 if outer else 0.0,
+)
 torch.manual_seed(cfg.seed)
 model = build_model(cfg.arch, 10, cfg.width)
 sync.broadcast_model(model)
@@ -80,11 +91,17 @@ for r, full in ((0, False), (1, True)):
         return start - OUTER_FACTOR * (start - aggregate) if outer else aggregate
 
     if r == 0 or not outer:
-        np.testing.assert_allclose(flat(ist.shared), stepped(shared_before, np.mean(shared_all, axis=0)),
-                                   rtol=0, atol=atol * (OUTER_FACTOR if outer else 1))
+        np.testing.assert_allclose(
+            flat(ist.shared),
+            stepped(shared_before, np.mean(shared_all, axis=0)),
+            rtol=0,
+            atol=atol * (OUTER_FACTOR if outer else 1),
+        )
     # where each block started the round: its owner's values (every rank calls every bcast)
-    starts = [world.bcast(before[b] if sync.rank == plan.owner[b] * g else None, root=plan.owner[b] * g)
-              for b in range(len(after))]
+    starts = [
+        world.bcast(before[b] if sync.rank == plan.owner[b] * g else None, root=plan.owner[b] * g)
+        for b in range(len(after))
+    ]
     for b in range(len(after)):
         holders = plan.holders(b)
         needs = True if full else sync.subnet in next_plan.holders(b)

@@ -5,6 +5,7 @@ on a process set, and (mpi) mpi4py in the same processes with a sub-communicator
 Prints OK on success; any wrong value raises. Every op is named: Horovod numbers unnamed
 ops per process, so ranks that ran different numbers of them would wait on different names.
 """
+
 import sys
 
 import torch
@@ -12,7 +13,7 @@ import torch
 mode = sys.argv[1]
 if mode == "mpi":
     from mpi4py import MPI
-import horovod.torch as hvd
+import horovod.torch as hvd  # noqa: E402 (mpi4py first in "mpi" mode: it initialises MPI)
 
 evens = hvd.ProcessSet([0])
 if mode == "mpi":
@@ -42,6 +43,7 @@ if mode == "mpi":
     sub = world.Split(color=0, key=-rank)  # reversed order: rank 1 becomes sub-rank 0
     assert sub.Get_rank() == 1 - rank
     import numpy as np
+
     buf = np.array([rank + 1.0])
     sub.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
     assert buf[0] == 3.0

@@ -6,6 +6,7 @@ by PID. The node advertises 32 CPUs and 8 GPUs (character devices made with mkno
 Slurm keeps them) whatever the machine has, so the real GPU templates run unchanged; Slurm
 then sets CUDA_VISIBLE_DEVICES and hist-train falls back to the CPU.
 """
+
 from __future__ import annotations
 
 import os
@@ -94,9 +95,18 @@ PartitionName=debugq Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         key = r / "munge.key"
         key.write_bytes(os.urandom(1024))
         key.chmod(0o400)
-        self._spawn(["munged", "--foreground", "--force", f"--socket={r}/run/munge.sock",
-                     f"--key-file={key}", f"--pid-file={r}/run/munged.pid", f"--log-file={r}/log/munged.log",
-                     f"--seed-file={r}/run/munge.seed"])
+        self._spawn(
+            [
+                "munged",
+                "--foreground",
+                "--force",
+                f"--socket={r}/run/munge.sock",
+                f"--key-file={key}",
+                f"--pid-file={r}/run/munged.pid",
+                f"--log-file={r}/log/munged.log",
+                f"--seed-file={r}/run/munge.seed",
+            ]
+        )
         self._wait(lambda: (r / "run" / "munge.sock").exists(), timeout, "munged")
         self._spawn(["slurmctld", "-D", "-i", "-f", str(self.conf)])
         self._spawn(["slurmd", "-D", "-f", str(self.conf)])
@@ -121,8 +131,9 @@ PartitionName=debugq Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         return "\n".join(f"== {f.name}\n{f.read_text()[-2000:]}" for f in sorted((self.root / "log").glob("*")))
 
     def cmd(self, *args, check=True, cwd=None, env=None) -> subprocess.CompletedProcess:
-        proc = subprocess.run(list(map(str, args)), capture_output=True, text=True, cwd=cwd,
-                              env={**self.env, **(env or {})}, timeout=120)
+        proc = subprocess.run(
+            list(map(str, args)), capture_output=True, text=True, cwd=cwd, env={**self.env, **(env or {})}, timeout=120
+        )
         if check and proc.returncode:
             raise RuntimeError(f"{args} exited {proc.returncode}: {proc.stderr}")
         return proc
@@ -140,8 +151,17 @@ PartitionName=debugq Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         deadline = time.time() + timeout
         while time.time() < deadline:
             info = self.job(job_id)
-            if info.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL",
-                                        "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL", "DEADLINE"):
+            if info.get("JobState") in (
+                "COMPLETED",
+                "FAILED",
+                "CANCELLED",
+                "TIMEOUT",
+                "NODE_FAIL",
+                "OUT_OF_MEMORY",
+                "PREEMPTED",
+                "BOOT_FAIL",
+                "DEADLINE",
+            ):
                 return info
             time.sleep(1)
         self.cmd("scancel", job_id, check=False)

@@ -7,6 +7,7 @@ uninterrupted run would have drawn.
 A checkpoint holds only tensors and plain types and is read with `weights_only=True`, so a
 crafted file cannot run code; anything else in it is refused with one line.
 """
+
 from __future__ import annotations
 
 import os
@@ -15,13 +16,28 @@ from pathlib import Path
 
 import torch
 
-from .errors import HistError, write_failure_cause
+from ..errors import HistError, write_failure_cause
 
 # Keys that must match between a checkpoint and the run that resumes from it.
-IDENTITY_KEYS = ("dataset", "arch", "width", "method", "subnets", "min_depth", "aggregate",
-                 "local_iters", "batch_size", "seed", "world_size", "synthetic_size",
-                 "shared_precision", "optimizer_state", "outer_lr", "outer_momentum",
-                 "warmup_local_sgd_epochs")
+IDENTITY_KEYS = (
+    "dataset",
+    "arch",
+    "width",
+    "method",
+    "subnets",
+    "min_depth",
+    "aggregate",
+    "local_iters",
+    "batch_size",
+    "seed",
+    "world_size",
+    "synthetic_size",
+    "shared_precision",
+    "optimizer_state",
+    "outer_lr",
+    "outer_momentum",
+    "warmup_local_sgd_epochs",
+)
 # What every hist checkpoint holds.
 REQUIRED_KEYS = ("model", "round", "wall_s", "identity")
 
@@ -40,8 +56,10 @@ def save(path: Path, state: dict) -> None:
         except OSError:
             pass
         cause = write_failure_cause(path, e)
-        raise HistError(f"cannot write the checkpoint {path}: {cause}; the previous checkpoint is "
-                        f"unchanged; free space or choose a writable --checkpoint, then --resume")
+        raise HistError(
+            f"cannot write the checkpoint {path}: {cause}; the previous checkpoint is "
+            f"unchanged; free space or choose a writable --checkpoint, then --resume"
+        )
 
 
 def load(path: Path, identity: dict) -> dict:
@@ -49,18 +67,29 @@ def load(path: Path, identity: dict) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise HistError(f"checkpoint {path} holds something other than tensors and plain values "
-                        f"({first[:120]}); it was not written by hist-train: delete it or pass another "
-                        f"--checkpoint")
+        raise HistError(
+            f"checkpoint {path} holds something other than tensors and plain values "
+            f"({first[:120]}); it was not written by hist-train: delete it or pass another "
+            f"--checkpoint"
+        )
     except Exception as e:  # truncated zip, not a zip, wrong magic: torch raises many types
-        raise HistError(f"checkpoint {path} cannot be read ({type(e).__name__}); it is damaged or "
-                        f"truncated: delete it to start afresh")
-    if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS) \
-            or not isinstance(state["identity"], dict):
-        raise HistError(f"checkpoint {path} is not a hist-train checkpoint (no model/round/identity); "
-                        f"pass the file hist-train wrote, or delete it to start afresh")
+        raise HistError(
+            f"checkpoint {path} cannot be read ({type(e).__name__}); it is damaged or "
+            f"truncated: delete it to start afresh"
+        )
+    if (
+        not isinstance(state, dict)
+        or any(k not in state for k in REQUIRED_KEYS)
+        or not isinstance(state["identity"], dict)
+    ):
+        raise HistError(
+            f"checkpoint {path} is not a hist-train checkpoint (no model/round/identity); "
+            f"pass the file hist-train wrote, or delete it to start afresh"
+        )
     for key in IDENTITY_KEYS:
         if state["identity"].get(key) != identity.get(key):
-            raise HistError(f"checkpoint {path} was written with {key}={state['identity'].get(key)!r}, "
-                            f"this run has {key}={identity.get(key)!r}; resume with the same options")
+            raise HistError(
+                f"checkpoint {path} was written with {key}={state['identity'].get(key)!r}, "
+                f"this run has {key}={identity.get(key)!r}; resume with the same options"
+            )
     return state

@@ -6,6 +6,7 @@ one resumes, so a suite can be stopped and continued (across sessions, or after 
 The resolved settings are written beside the results as `settings.json`; the report (the
 published layout) as `report.md`, `report.json` and figures.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,14 +17,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import Config
-from .errors import HistError
-from .presets import PRESETS, preset_options
+from ..choices import SINGLE
+from ..config import Config
+from ..errors import HistError
+from ..presets import PRESETS, preset_options
 
 
 @dataclass(frozen=True)
 class SuiteRun:
-    method: str  # "single" for one process
+    method: str  # SINGLE for one process
     processes: int
     seed: int
 
@@ -37,12 +39,13 @@ def suite_runs(processes: list[int], methods: list[str], seeds: list[int]) -> li
     runs = []
     for n in processes:
         for seed in seeds:
-            runs += [SuiteRun("single", 1, seed)] if n == 1 else [SuiteRun(m, n, seed) for m in methods]
+            runs += [SuiteRun(SINGLE, 1, seed)] if n == 1 else [SuiteRun(m, n, seed) for m in methods]
     return runs
 
 
 def _status(path: Path) -> str | None:
     import h5py
+
     try:
         with h5py.File(path, "r") as f:
             return str(f.attrs.get("status"))
@@ -52,32 +55,52 @@ def _status(path: Path) -> str | None:
 
 def command(run: SuiteRun, dataset: str, preset: str, out: Path, extra: list[str]) -> list[str]:
     bindir = Path(sys.executable).parent
-    method = [] if run.method == "single" else ["--method", run.method]
-    cmd = [str(bindir / "hist-train"), dataset, "--preset", preset, *method, "--seed", str(run.seed),
-           "--out", str(out), *extra]
+    method = [] if run.method == SINGLE else ["--method", run.method]
+    cmd = [
+        str(bindir / "hist-train"),
+        dataset,
+        "--preset",
+        preset,
+        *method,
+        "--seed",
+        str(run.seed),
+        "--out",
+        str(out),
+        *extra,
+    ]
     if run.processes > 1:
         cmd = [str(bindir / "horovodrun"), "-np", str(run.processes), "-H", f"localhost:{run.processes}", *cmd]
     return cmd
 
 
-def run_suite(dataset: str, preset: str, folder: Path, processes: list[int], methods: list[str],
-              seeds: list[int], extra: list[str], log=print) -> list[Path]:
+def run_suite(
+    dataset: str,
+    preset: str,
+    folder: Path,
+    processes: list[int],
+    methods: list[str],
+    seeds: list[int],
+    extra: list[str],
+    resolved: Config,
+    log=print,
+) -> list[Path]:
     """Run (or continue) every run of the suite; returns the timing files of the whole folder
     (a later call with more process counts or seeds adds to the same comparison)."""
     options = preset_options(preset)
-    try:  # the resolved settings: the preset under the options given here (parsed as hist-train would)
-        from .cli import train as train_command
-        ctx = train_command.make_context("hist-train", [dataset, "--preset", preset, *extra])
-        resolved = Config(**{k: v for k, v in ctx.params.items() if k != "debug"})
-    except Exception as e:
-        raise HistError(f"the hist-train options {' '.join(extra)!r} do not parse: {e}")
     folder.mkdir(parents=True, exist_ok=True)
     runs = suite_runs(processes, methods, seeds)
-    settings = {"preset": preset, "description": PRESETS[preset][0], "preset_options": options,
-                "resolved": resolved.as_dict(), "dataset": dataset, "processes": processes,
-                "methods": methods, "seeds": seeds, "extra_options": extra,
-                "commands": {r.name: " ".join(command(r, dataset, preset, folder / f"{r.name}.h5", extra))
-                             for r in runs}}
+    settings = {
+        "preset": preset,
+        "description": PRESETS[preset][0],
+        "preset_options": options,
+        "resolved": resolved.as_dict(),
+        "dataset": dataset,
+        "processes": processes,
+        "methods": methods,
+        "seeds": seeds,
+        "extra_options": extra,
+        "commands": {r.name: " ".join(command(r, dataset, preset, folder / f"{r.name}.h5", extra)) for r in runs},
+    }
     settings_file = folder / "settings.json"
     if settings_file.exists():  # a folder holds one comparison: same settings, more runs
         try:
@@ -85,8 +108,10 @@ def run_suite(dataset: str, preset: str, folder: Path, processes: list[int], met
         except ValueError:
             raise HistError(f"{settings_file} is not JSON; move it away or use another --out")
         if (before.get("resolved"), before.get("dataset")) != (settings["resolved"], dataset):
-            raise HistError(f"{folder} holds runs with other settings (see {settings_file}); one folder is "
-                            f"one comparison: use another --out")
+            raise HistError(
+                f"{folder} holds runs with other settings (see {settings_file}); one folder is "
+                f"one comparison: use another --out"
+            )
         settings["processes"] = sorted(set(before.get("processes", [])) | set(processes))
         settings["methods"] = sorted(set(before.get("methods", [])) | set(methods))
         settings["seeds"] = sorted(set(before.get("seeds", [])) | set(seeds))
@@ -105,7 +130,9 @@ def run_suite(dataset: str, preset: str, folder: Path, processes: list[int], met
         with open(folder / f"{r.name}.log", "a") as logfile:
             code = subprocess.run(cmd, env=env, stdout=logfile, stderr=subprocess.STDOUT).returncode
         if code:
-            raise HistError(f"run {r.name} failed with exit code {code}; see {folder / (r.name + '.log')} "
-                            f"and run the suite again to resume it")
+            raise HistError(
+                f"run {r.name} failed with exit code {code}; see {folder / (r.name + '.log')} "
+                f"and run the suite again to resume it"
+            )
         log(f"{r.name}: done in {time.time() - t:.0f} s")
     return sorted(folder.glob("*.h5"))

@@ -12,16 +12,17 @@ IST uses S = min(N, largest power of two <= partitioned blocks) subnetworks; wit
 than that, each subnetwork spans N/S GPUs that allreduce its gradients every step. dp
 allreduces the whole model every step, local SGD every round.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
 
-from .models import build_model, conv_flops, shared_and_partitioned
-from .plan import make_plan
+from ..choices import METHODS, SINGLE
+from ..comm import ring_allreduce_bytes
+from ..models import build_model, conv_flops, make_plan, shared_and_partitioned
 
-METHODS = ("ist", "local-sgd", "dp")
 # The largest global batch at which the published accuracy holds: ResIST reports up to 8
 # machines with 128 images each (Dun et al., 2022).
 PUBLISHED_GLOBAL_BATCH = 8 * 128
@@ -29,11 +30,11 @@ PUBLISHED_GLOBAL_BATCH = 8 * 128
 
 @dataclass(frozen=True)
 class Network:
-    latency_s: float = 5e-6          # per message (about InfiniBand / NVLink class)
-    bandwidth_Bps: float = 12.5e9    # bytes per second per link (100 Gb/s)
+    latency_s: float = 5e-6  # per message (about InfiniBand / NVLink class)
+    bandwidth_Bps: float = 12.5e9  # bytes per second per link (100 Gb/s)
 
     def allreduce(self, nbytes: float, k: int) -> float:
-        return 0.0 if k <= 1 else 2 * (k - 1) * self.latency_s + 2 * (k - 1) / k * nbytes / self.bandwidth_Bps
+        return 0.0 if k <= 1 else 2 * (k - 1) * self.latency_s + ring_allreduce_bytes(nbytes, k) / self.bandwidth_Bps
 
     def send(self, nbytes: float) -> float:
         return self.latency_s + nbytes / self.bandwidth_Bps
@@ -41,9 +42,9 @@ class Network:
 
 @dataclass(frozen=True)
 class Workload:
-    step_s: float          # measured full-model step time, one process
-    images: int            # training images per epoch
-    batch: int             # per GPU
+    step_s: float  # measured full-model step time, one process
+    images: int  # training images per epoch
+    batch: int  # per GPU
     local_iters: int
     shared_bytes: float
     block_bytes: tuple[float, ...]
@@ -59,8 +60,9 @@ class Workload:
         return self.shared_flop_share + (1 - self.shared_flop_share) * depth / n
 
 
-def workload_for(arch: str, num_classes: int, width: float, step_s: float, images: int, batch: int,
-                 local_iters: int) -> Workload:
+def workload_for(
+    arch: str, num_classes: int, width: float, step_s: float, images: int, batch: int, local_iters: int
+) -> Workload:
     model = build_model(arch, num_classes, width)
     shared, blocks = shared_and_partitioned(model)
     n = len(blocks)
@@ -107,15 +109,16 @@ def caveats(n_gpus: int, w: Workload) -> list[str]:
     return out
 
 
-def project(w: Workload, net: Network, gpus=tuple(2 ** i for i in range(11))) -> dict:
+def project(w: Workload, net: Network, gpus=tuple(2**i for i in range(11))) -> dict:
     """{method: {N: speedup over one GPU}} for N in `gpus`."""
-    base = epoch_seconds("single", 1, w, net)
+    base = epoch_seconds(SINGLE, 1, w, net)
     return {m: {n: base / epoch_seconds(m, n, w, net) for n in gpus} for m in METHODS}
 
 
 def workload_from_run(run) -> Workload | None:
     """The workload of a one-process run's timing file (its measured step time)."""
-    from .data import NUM_CLASSES
+    from ..data import NUM_CLASSES
+
     r, a = run.rounds, run.attrs
     if int(a["world_size"]) != 1 or not len(r["steps"]):
         return None
@@ -124,6 +127,12 @@ def workload_from_run(run) -> Workload | None:
     if int(a.get("train_images", 0)) <= 0 or step_s <= 0:
         return None  # a file without the run's size (written by other tools or tests)
     with torch.device("meta"):
-        return workload_for(a["arch"], NUM_CLASSES.get(a["dataset"], 10), float(a.get("width", 1.0)), step_s,
-                            int(a["train_images"]), int(cfg.get("batch_size", 128)),
-                            int(cfg.get("local_iters", 50)))
+        return workload_for(
+            a["arch"],
+            NUM_CLASSES.get(a["dataset"], 10),
+            float(a.get("width", 1.0)),
+            step_s,
+            int(a["train_images"]),
+            int(cfg.get("batch_size", 128)),
+            int(cfg.get("local_iters", 50)),
+        )

@@ -5,6 +5,7 @@ row and one point on the figures. The baseline is the one-process run of the sam
 arch and width; without one, speedups are relative to the smallest world size present and
 the table says so.
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -13,13 +14,32 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .errors import HistError
-from .timings import SCHEMA, Run, isolated, read_checked
+from ..choices import METHODS, SINGLE
+from ..errors import HistError
+from ..io.timings import SCHEMA, Run, isolated, read_checked
 
-COLUMNS = ("dataset", "arch", "method", "world_size", "runs", "epochs", "seconds_per_epoch", "wall_s",
-           "speedup", "speedup_vs_local_sgd", "time_to_target_s", "speedup_to_target", "final_accuracy",
-           "final_accuracy_std", "target_accuracy",
-           "compute_s_per_round", "data_s_per_round", "sync_s_per_round", "bytes_per_round", "baseline")
+COLUMNS = (
+    "dataset",
+    "arch",
+    "method",
+    "world_size",
+    "runs",
+    "epochs",
+    "seconds_per_epoch",
+    "wall_s",
+    "speedup",
+    "speedup_vs_local_sgd",
+    "time_to_target_s",
+    "speedup_to_target",
+    "final_accuracy",
+    "final_accuracy_std",
+    "target_accuracy",
+    "compute_s_per_round",
+    "data_s_per_round",
+    "sync_s_per_round",
+    "bytes_per_round",
+    "baseline",
+)
 
 
 def load_runs(paths, skip_damaged=None) -> list[Run]:
@@ -69,6 +89,7 @@ def _is_merged(path: Path) -> bool:
 
 def _read_merged(path: Path) -> list[Run]:
     import tempfile
+
     runs = []
     with h5py.File(path, "r") as f, tempfile.TemporaryDirectory() as tmp:
         for name in f["runs"]:
@@ -142,8 +163,14 @@ def summarise(runs: list[Run], target_accuracy: float | None = None) -> tuple[li
     rows = []
     for key, figs in sorted(groups.items()):
         dataset, arch, width, method, world = key
-        row = {"dataset": dataset, "arch": arch, "width": width, "method": method, "world_size": world,
-               "runs": len(figs)}
+        row = {
+            "dataset": dataset,
+            "arch": arch,
+            "width": width,
+            "method": method,
+            "world_size": world,
+            "runs": len(figs),
+        }
         for name in figs[0]:
             row[name] = _mean([f[name] for f in figs])
         finals = [f["final_accuracy"] for f in figs if f["final_accuracy"] is not None]
@@ -151,7 +178,9 @@ def summarise(runs: list[Run], target_accuracy: float | None = None) -> tuple[li
         row["target_accuracy"] = target_accuracy
         rows.append(row)
     for row in rows:
-        model = [x for x in rows if (x["dataset"], x["arch"], x["width"]) == (row["dataset"], row["arch"], row["width"])]
+        model = [
+            x for x in rows if (x["dataset"], x["arch"], x["width"]) == (row["dataset"], row["arch"], row["width"])
+        ]
         singles = [x for x in model if x["world_size"] == 1]
         if singles:
             base, row["baseline"] = singles[0], "1 process"
@@ -159,24 +188,31 @@ def summarise(runs: list[Run], target_accuracy: float | None = None) -> tuple[li
             same = [x for x in model if x["method"] == row["method"]]
             base = min(same, key=lambda x: x["world_size"])
             row["baseline"] = f"{base['world_size']} processes (no 1-process run)"
-            note = (f"{row['dataset']}/{row['arch']}/{row['method']}: no one-process run; speedup relative "
-                    f"to {base['world_size']} processes")
+            note = (
+                f"{row['dataset']}/{row['arch']}/{row['method']}: no one-process run; speedup relative "
+                f"to {base['world_size']} processes"
+            )
             if note not in notes:
                 notes.append(note)
         row["speedup"] = base["seconds_per_epoch"] / row["seconds_per_epoch"]
         tb, tr = base["time_to_target_s"], row["time_to_target_s"]
         row["speedup_to_target"] = tb / tr if tb and tr else None
         local = [x for x in model if x["method"] == "local-sgd" and x["world_size"] == row["world_size"]]
-        row["speedup_vs_local_sgd"] = (local[0]["seconds_per_epoch"] / row["seconds_per_epoch"]
-                                       if local and row["world_size"] > 1 and row["method"] != "local-sgd" else None)
+        row["speedup_vs_local_sgd"] = (
+            local[0]["seconds_per_epoch"] / row["seconds_per_epoch"]
+            if local and row["world_size"] > 1 and row["method"] != "local-sgd"
+            else None
+        )
     return rows, notes
 
 
 def default_target(runs: list[Run]) -> tuple[float | None, str]:
     """The single process's final accuracy minus one point (the claim: the accuracy of one GPU,
     sooner); without a one-process run, 90% of the best final accuracy."""
+
     def finals(rs):
         return [float(r.evals["test_accuracy"][-1]) for r in rs if len(r.evals["test_accuracy"])]
+
     singles = finals([r for r in runs if int(r.attrs["world_size"]) == 1])
     if singles:
         return float(np.mean(singles)) - 1.0, "the one-process run's final accuracy minus 1 point"
@@ -189,7 +225,7 @@ def format_paper_table(rows: list[dict], notes: list[str], oversubscribed_above:
     holds accuracy (mean ± spread over seeds), wall time, bytes per round, speedup over one
     process and over local SGD, and time to the target accuracy."""
     worlds = sorted({r["world_size"] for r in rows})
-    order = ["single", "ist", "local-sgd", "dp"]
+    order = [SINGLE, *METHODS]
     methods = sorted({r["method"] for r in rows}, key=lambda m: (order.index(m) if m in order else 9, m))
     cell = {(r["method"], r["world_size"]): r for r in rows}
 
@@ -201,7 +237,9 @@ def format_paper_table(rows: list[dict], notes: list[str], oversubscribed_above:
         if r["world_size"] > 1:
             vs_local = "" if r["speedup_vs_local_sgd"] is None else f", {r['speedup_vs_local_sgd']:.2f}x local SGD"
             parts.append(f"{r['speedup']:.2f}x single{vs_local}")
-        parts.append("target " + ("not reached" if r["time_to_target_s"] is None else f"at {r['time_to_target_s']:.0f} s"))
+        parts.append(
+            "target " + ("not reached" if r["time_to_target_s"] is None else f"at {r['time_to_target_s']:.0f} s")
+        )
         if oversubscribed_above and r["world_size"] > oversubscribed_above:
             parts.append("oversubscribed: time not meaningful")
         return "<br>".join(parts)
@@ -214,16 +252,43 @@ def format_paper_table(rows: list[dict], notes: list[str], oversubscribed_above:
 
 
 def format_table(rows: list[dict], notes: list[str]) -> str:
-    head = ("dataset", "arch", "method", "np", "epochs", "s/epoch", "speedup", "to-target s",
-            "speedup@tgt", "acc %", "compute s", "data s", "sync s", "MB/round")
+    head = (
+        "dataset",
+        "arch",
+        "method",
+        "np",
+        "epochs",
+        "s/epoch",
+        "speedup",
+        "to-target s",
+        "speedup@tgt",
+        "acc %",
+        "compute s",
+        "data s",
+        "sync s",
+        "MB/round",
+    )
     lines = [head]
     fmt = lambda v, p=2: "-" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.{p}f}"
     for r in rows:
-        lines.append((r["dataset"], r["arch"].removeprefix("preact_"), r["method"], str(r["world_size"]),
-                      fmt(r["epochs"]), fmt(r["seconds_per_epoch"]), fmt(r["speedup"]),
-                      fmt(r["time_to_target_s"], 1), fmt(r["speedup_to_target"]), fmt(r["final_accuracy"]),
-                      fmt(r["compute_s_per_round"], 3), fmt(r["data_s_per_round"], 3),
-                      fmt(r["sync_s_per_round"], 3), fmt(r["bytes_per_round"] / 1e6, 3)))
+        lines.append(
+            (
+                r["dataset"],
+                r["arch"].removeprefix("preact_"),
+                r["method"],
+                str(r["world_size"]),
+                fmt(r["epochs"]),
+                fmt(r["seconds_per_epoch"]),
+                fmt(r["speedup"]),
+                fmt(r["time_to_target_s"], 1),
+                fmt(r["speedup_to_target"]),
+                fmt(r["final_accuracy"]),
+                fmt(r["compute_s_per_round"], 3),
+                fmt(r["data_s_per_round"], 3),
+                fmt(r["sync_s_per_round"], 3),
+                fmt(r["bytes_per_round"] / 1e6, 3),
+            )
+        )
     widths = [max(len(l[i]) for l in lines) for i in range(len(head))]
     text = "\n".join("  ".join(c.rjust(w) for c, w in zip(l, widths)) for l in lines)
     return text + "".join(f"\nnote: {n}" for n in notes)
@@ -232,8 +297,10 @@ def format_table(rows: list[dict], notes: list[str]) -> str:
 def draw_figures(runs: list[Run], rows: list[dict], out: Path) -> list[Path]:
     """Speedup, accuracy-vs-time, round breakdown and bytes per round, as PNG and SVG."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     out.mkdir(parents=True, exist_ok=True)
     written = []
 
@@ -247,11 +314,16 @@ def draw_figures(runs: list[Run], rows: list[dict], out: Path) -> list[Path]:
     methods = sorted({r["method"] for r in rows if r["world_size"] > 1}) or sorted({r["method"] for r in rows})
     worlds = sorted({r["world_size"] for r in rows})
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, field, title in ((axes[0], "speedup", "wall time per epoch"),
-                             (axes[1], "speedup_to_target", "time to target accuracy")):
+    for ax, field, title in (
+        (axes[0], "speedup", "wall time per epoch"),
+        (axes[1], "speedup_to_target", "time to target accuracy"),
+    ):
         for m in methods:
-            pts = sorted((r["world_size"], r[field]) for r in rows
-                         if (r["method"] == m or r["world_size"] == 1) and r[field] is not None)
+            pts = sorted(
+                (r["world_size"], r[field])
+                for r in rows
+                if (r["method"] == m or r["world_size"] == 1) and r[field] is not None
+            )
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=m)
         ax.plot(worlds, [w / worlds[0] for w in worlds], "k--", label="linear")
@@ -265,8 +337,12 @@ def draw_figures(runs: list[Run], rows: list[dict], out: Path) -> list[Path]:
     for run in runs:
         if len(run.evals["wall_s"]):
             seed = run.config.get("seed")
-            ax.plot(run.evals["wall_s"], run.evals["test_accuracy"], marker=".",
-                    label=f"{run.attrs['method']} np{run.attrs['world_size']}" + (f" seed {seed}" if seed else ""))
+            ax.plot(
+                run.evals["wall_s"],
+                run.evals["test_accuracy"],
+                marker=".",
+                label=f"{run.attrs['method']} np{run.attrs['world_size']}" + (f" seed {seed}" if seed else ""),
+            )
     ax.set(xlabel="wall-clock time (s)", ylabel="test accuracy (%)", title="Accuracy against time")
     ax.legend(fontsize=8)
     save(fig, "accuracy_vs_time")
@@ -275,8 +351,11 @@ def draw_figures(runs: list[Run], rows: list[dict], out: Path) -> list[Path]:
     x = np.arange(len(rows))
     fig, ax = plt.subplots(figsize=(max(5, len(rows)), 4))
     bottom = np.zeros(len(rows))
-    for field, name in (("compute_s_per_round", "compute"), ("data_s_per_round", "data"),
-                        ("sync_s_per_round", "synchronisation")):
+    for field, name in (
+        ("compute_s_per_round", "compute"),
+        ("data_s_per_round", "data"),
+        ("sync_s_per_round", "synchronisation"),
+    ):
         vals = np.array([r[field] for r in rows])
         ax.bar(x, vals, bottom=bottom, label=name)
         bottom += vals
@@ -297,22 +376,37 @@ def projection(runs: list[Run], rows: list[dict], net) -> dict | None:
     """Projected speedups from the first one-process run's measured step time, with the
     measured speedups beside the projected ones at the world sizes that were run."""
     from .projection import caveats, project, workload_from_run
+
     singles = [r for r in runs if int(r.attrs["world_size"]) == 1]
     w = workload_from_run(singles[0]) if singles else None
     if w is None:
         return None
     curves = project(w, net)
-    check = [{"method": r["method"], "world_size": r["world_size"], "measured": r["speedup"],
-              "projected": curves[r["method"]].get(r["world_size"])}
-             for r in rows if r["method"] in curves and r["world_size"] > 1]
-    return {"latency_s": net.latency_s, "bandwidth_Bps": net.bandwidth_Bps, "step_s": w.step_s,
-            "speedup": {m: {str(n): v for n, v in c.items()} for m, c in curves.items()}, "check": check,
-            "caveats": {str(n): caveats(n, w) for n in curves["ist"] if caveats(n, w)}}
+    check = [
+        {
+            "method": r["method"],
+            "world_size": r["world_size"],
+            "measured": r["speedup"],
+            "projected": curves[r["method"]].get(r["world_size"]),
+        }
+        for r in rows
+        if r["method"] in curves and r["world_size"] > 1
+    ]
+    return {
+        "latency_s": net.latency_s,
+        "bandwidth_Bps": net.bandwidth_Bps,
+        "step_s": w.step_s,
+        "speedup": {m: {str(n): v for n, v in c.items()} for m, c in curves.items()},
+        "check": check,
+        "caveats": {str(n): caveats(n, w) for n in curves["ist"] if caveats(n, w)},
+    }
 
 
 def format_projection(p: dict) -> str:
-    lines = [f"projection (step {p['step_s']:.3f} s measured; latency {p['latency_s']:g} s, "
-             f"bandwidth {p['bandwidth_Bps']:.3g} B/s):"]
+    lines = [
+        f"projection (step {p['step_s']:.3f} s measured; latency {p['latency_s']:g} s, "
+        f"bandwidth {p['bandwidth_Bps']:.3g} B/s):"
+    ]
     ns = list(p["speedup"]["ist"])
     lines.append("  GPUs       " + " ".join(f"{n:>7s}" for n in ns))
     marked = p.get("caveats", {})
@@ -320,8 +414,10 @@ def format_projection(p: dict) -> str:
         lines.append(f"  {m:10s} " + " ".join(f"{c[n]:6.2f}{'*' if n in marked else ' '}" for n in ns))
     if marked:
         first = min(marked, key=int)
-        lines.append(f"  * time only, not accuracy: from {first} GPUs, {'; '.join(marked[first])}"
-                     + (f" (at {max(marked, key=int)}: {'; '.join(marked[max(marked, key=int)])})" if len(marked) > 1 else ""))
+        lines.append(
+            f"  * time only, not accuracy: from {first} GPUs, {'; '.join(marked[first])}"
+            + (f" (at {max(marked, key=int)}: {'; '.join(marked[max(marked, key=int)])})" if len(marked) > 1 else "")
+        )
     for c in p["check"]:
         proj = "-" if c["projected"] is None else f"{c['projected']:.2f}"
         lines.append(f"  check {c['method']} np{c['world_size']}: measured {c['measured']:.2f}x, projected {proj}x")
@@ -330,15 +426,17 @@ def format_projection(p: dict) -> str:
 
 def draw_projection(p: dict, rows: list[dict], out: Path) -> list[Path]:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     out.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(6, 4.5))
     marked = p.get("caveats", {})
     for m, curve in p["speedup"].items():
         ok = [(int(n), v) for n, v in curve.items() if n not in marked]
         beyond = [(int(n), v) for n, v in curve.items() if n in marked]
-        line, = ax.plot(*zip(*ok), label=f"{m} (projected)")
+        (line,) = ax.plot(*zip(*ok), label=f"{m} (projected)")
         if beyond:  # past the data or the published batch sizes: dotted, hollow
             ax.plot(*zip(*([ok[-1]] + beyond)), ":", marker="o", fillstyle="none", color=line.get_color())
         pts = [(r["world_size"], r["speedup"]) for r in rows if r["method"] == m and r["world_size"] > 1]
@@ -347,10 +445,21 @@ def draw_projection(p: dict, rows: list[dict], out: Path) -> list[Path]:
     ns = [int(n) for n in p["speedup"]["ist"]]
     ax.plot(ns, ns, "k--", label="linear")
     if marked:
-        ax.plot([], [], "k:", marker="o", fillstyle="none",
-                label=f"from {min(marked, key=int)} GPUs: time only (epoch or batch beyond the data)")
-    ax.set(xscale="log", yscale="log", xlabel="GPUs", ylabel="speedup over one GPU",
-           title=f"Projected speedup (latency {p['latency_s']:g} s, {p['bandwidth_Bps'] / 1e9:g} GB/s)")
+        ax.plot(
+            [],
+            [],
+            "k:",
+            marker="o",
+            fillstyle="none",
+            label=f"from {min(marked, key=int)} GPUs: time only (epoch or batch beyond the data)",
+        )
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="GPUs",
+        ylabel="speedup over one GPU",
+        title=f"Projected speedup (latency {p['latency_s']:g} s, {p['bandwidth_Bps'] / 1e9:g} GB/s)",
+    )
     ax.legend(fontsize=8)
     paths = []
     for ext in ("png", "svg"):
@@ -358,4 +467,3 @@ def draw_projection(p: dict, rows: list[dict], out: Path) -> list[Path]:
         fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
     plt.close(fig)
     return paths
-

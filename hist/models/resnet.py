@@ -5,11 +5,12 @@ subnetwork is skipped entirely (identity, no compute), and at test time the resi
 branch of a partitioned block is scaled by the fraction of subnetworks that trained it.
 The model knows nothing of ranks or plans; the training loop sets `active` and `scale`.
 """
+
 from __future__ import annotations
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 # Blocks per stage (basic blocks, two 3x3 convolutions each).
 BLOCK_COUNTS = {
@@ -99,34 +100,5 @@ class PreActResNet(nn.Module):
 
 def build_model(arch: str, num_classes: int, width: float = 1.0) -> PreActResNet:
     if arch not in ARCHS:
-        raise ValueError(f"unknown --arch {arch!r}; choose one of {', '.join(ARCHS)}")
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
     return PreActResNet(int(arch.removeprefix("preact_resnet")), num_classes, width)
-
-
-def shared_and_partitioned(model: PreActResNet):
-    """(shared parameter list, per-block parameter lists) in a fixed order, identical on every rank."""
-    block_params = [list(b.parameters()) for b in model.partitioned_blocks()]
-    in_blocks = {id(p) for ps in block_params for p in ps}
-    shared = [p for p in model.parameters() if id(p) not in in_blocks]
-    return shared, block_params
-
-
-def conv_flops(model: PreActResNet, active) -> float:
-    """Forward multiply-adds of the convolutions and classifier with the given partitioned blocks on."""
-    flops, hw = 0.0, 32 * 32
-    chosen = set(active)
-    parts = model.partitioned_blocks()
-    for m in model.modules():
-        if isinstance(m, torch.nn.Linear):
-            flops += m.in_features * m.out_features
-    flops += model.conv1.in_channels * model.conv1.out_channels * 9 * hw
-    for stage, scale in ((model.layer1, 1), (model.layer2, 4), (model.layer3, 16), (model.layer4, 64)):
-        for block in stage:
-            if block in parts and parts.index(block) not in chosen:
-                continue
-            out_hw = hw / scale
-            for conv in (block.conv1, block.conv2, block.shortcut):
-                if conv is not None:
-                    k = conv.kernel_size[0] * conv.kernel_size[1]
-                    flops += conv.in_channels * conv.out_channels * k * out_hw
-    return flops

@@ -5,6 +5,7 @@ warm-up, bytes from the synchronisation schedule, end-to-end epochs from real `h
 runs (one process against `horovodrun -np 2`), accuracy from real runs on CIFAR-10 when
 `--data-dir`/`HIST_DATA` has it (else the synthetic set, and the result says so).
 """
+
 from __future__ import annotations
 
 import os
@@ -19,11 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import data as datasets
-from .models import build_model, conv_flops, shared_and_partitioned
-from .plan import make_plan
-from .sync import round_bytes
-from .timings import read_run
+from .. import data as datasets
+from ..choices import SINGLE
+from ..comm import horovod_version, ring_allreduce_bytes, round_bytes
+from ..io.timings import read_run
+from ..models import build_model, conv_flops, make_plan, shared_and_partitioned
 
 # ResIST paper, ResNet-101 on CIFAR-100, GB per round, all machines (Table in Dun et al., 2022).
 PUBLISHED_GB = {"ist": {"2": 0.454, "4": 0.720, "8": 1.289}, "local-sgd": {"2": 0.662, "4": 1.325, "8": 2.649}}
@@ -74,9 +75,13 @@ def bytes_per_round(local_iters: int = 50, rounds: int = 20) -> dict:
     # weights: twice the bytes of a round; "-restart" is the reference treatment.
     out = {"ist": {}, "ist-restart": {}, "ist-fp16-restart": {}, "local-sgd": {}, "local-sgd-restart": {}, "dp": {}}
     for n in (2, 4, 8):
-        ring = n * 2 * (n - 1) / n  # sent by all ranks for one allreduce, per byte of payload
-        sent = [round_bytes(make_plan(0, r, len(blocks), n), make_plan(0, r + 1, len(blocks), n), 1,
-                            "copy", block_b, shared_b)[0] for r in range(rounds)]
+        ring = n * ring_allreduce_bytes(1.0, n)  # sent by all ranks for one allreduce, per byte of payload
+        sent = [
+            round_bytes(
+                make_plan(0, r, len(blocks), n), make_plan(0, r + 1, len(blocks), n), 1, "copy", block_b, shared_b
+            )[0]
+            for r in range(rounds)
+        ]
         out["ist-restart"][str(n)] = float(np.mean(sent))
         out["ist"][str(n)] = 2 * out["ist-restart"][str(n)]
         out["ist-fp16-restart"][str(n)] = out["ist-restart"][str(n)] - ring * shared_b / 2  # --shared-precision fp16
@@ -119,20 +124,37 @@ def _train(args: list[str], np_: int, out: Path, env: dict) -> None:
 
 
 def _env() -> dict:
-    return dict(os.environ, OMP_NUM_THREADS="1", OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-                OMPI_MCA_rmaps_base_oversubscribe="1", PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
+    """The caller's environment (launcher settings are theirs: root, oversubscription), one
+    thread a process, and this Python's launchers first on the PATH."""
+    return dict(os.environ, OMP_NUM_THREADS="1", PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
 
 
 def end_to_end(width: float, batch: int, local_iters: int, synthetic_size: int, tmp: Path) -> dict:
     """Wall time per epoch: one full-model process against 2-process ist, local-sgd and dp."""
-    common = ["synthetic", "--arch", "preact_resnet101", "--width", str(width), "--batch-size", str(batch),
-              "--local-iters", str(local_iters), "--synthetic-size", str(synthetic_size), "--threads", "1",
-              "--epochs", "1", "--bn-batches", "1"]
+    common = [
+        "synthetic",
+        "--arch",
+        "preact_resnet101",
+        "--width",
+        str(width),
+        "--batch-size",
+        str(batch),
+        "--local-iters",
+        str(local_iters),
+        "--synthetic-size",
+        str(synthetic_size),
+        "--threads",
+        "1",
+        "--epochs",
+        "1",
+        "--bn-batches",
+        "1",
+    ]
     env = _env()
     _train(common, 1, tmp / "single.h5", env)
     single = read_run(tmp / "single.h5")
     base = single.rounds["wall_s"][-1] / single.rounds["epoch"][-1]
-    out = {"seconds_per_epoch": {"single": float(base)}, "speedup_np2": {}, "sync_share": None}
+    out = {"seconds_per_epoch": {SINGLE: float(base)}, "speedup_np2": {}, "sync_share": None}
     for method in ("ist", "local-sgd", "dp"):
         path = tmp / f"{method}.h5"
         _train(common + ["--method", method], 2, path, env)
@@ -153,15 +175,30 @@ def end_to_end(width: float, batch: int, local_iters: int, synthetic_size: int, 
 
 def accuracy(data_dir, epochs: float, tmp: Path) -> dict:
     """Final test accuracy of one full-model process and of IST with 2 and 4 subnetworks."""
-    data_dir = data_dir or os.environ.get("HIST_DATA") or os.environ.get("HIST_TEST_DATA")
+    data_dir = data_dir or os.environ.get("HIST_DATA")
     dataset = "cifar10" if data_dir and (Path(data_dir) / "cifar-10-batches-py").is_dir() else "synthetic"
-    common = [dataset, "--arch", "preact_resnet34", "--width", "0.125", "--batch-size", "32", "--lr", "0.05",
-              "--local-iters", "10", "--epochs", str(epochs), "--threads", "1"]
+    common = [
+        dataset,
+        "--arch",
+        "preact_resnet34",
+        "--width",
+        "0.125",
+        "--batch-size",
+        "32",
+        "--lr",
+        "0.05",
+        "--local-iters",
+        "10",
+        "--epochs",
+        str(epochs),
+        "--threads",
+        "1",
+    ]
     if dataset == "cifar10":
         common += ["--data-dir", str(data_dir)]
     env = _env()
     out = {"dataset": dataset}
-    for key, np_ in (("single", 1), ("ist_s2", 2), ("ist_s4", 4)):
+    for key, np_ in ((SINGLE, 1), ("ist_s2", 2), ("ist_s4", 4)):
         _train(common, np_, tmp / f"acc-{key}.h5", env)
         out[key] = float(read_run(tmp / f"acc-{key}.h5").evals["test_accuracy"][-1])
     return out
@@ -169,21 +206,25 @@ def accuracy(data_dir, epochs: float, tmp: Path) -> dict:
 
 def machine() -> dict:
     import h5py
-    info = {"python": platform.python_version(), "torch": torch.__version__, "h5py": h5py.__version__,
-            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "host": platform.node()}
-    try:
-        import horovod
-        info["horovod"] = horovod.__version__
-    except ImportError:
-        pass
+
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "h5py": h5py.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "host": platform.node(),
+    }
+    if horovod_version():
+        info["horovod"] = horovod_version()
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
 
 
-def run(quick: bool, width: float, batch_size: int, device, data_dir=None, skip_runs: bool = False,
-        run_width: float = 0.125) -> dict:
+def run(
+    quick: bool, width: float, batch_size: int, device, data_dir=None, skip_runs: bool = False, run_width: float = 0.125
+) -> dict:
     torch.set_num_threads(1)
     steps, warmup = (2, 1) if quick else (8, 3)
     t0 = time.time()
@@ -200,13 +241,23 @@ def run(quick: bool, width: float, batch_size: int, device, data_dir=None, skip_
     result["pipeline"] = pipe
     if not skip_runs and shutil.which(_bin("horovodrun")) is not None:
         with tempfile.TemporaryDirectory() as tmp:
-            e2e = end_to_end(0.0625 if quick else run_width, 16 if quick else batch_size, 4 if quick else 50,
-                             256 if quick else 50 * batch_size * 4, Path(tmp))
+            e2e = end_to_end(
+                0.0625 if quick else run_width,
+                16 if quick else batch_size,
+                4 if quick else 50,
+                256 if quick else 50 * batch_size * 4,
+                Path(tmp),
+            )
             result.update(e2e)
             result["accuracy"] = accuracy(data_dir, 0.2 if quick else 3, Path(tmp))
-    result["settings"] = {"width": width, "run_width": run_width, "batch_size": batch_size,
-                          "device": str(device), "quick": quick,
-                          "threads_per_process": 1}
+    result["settings"] = {
+        "width": width,
+        "run_width": run_width,
+        "batch_size": batch_size,
+        "device": str(device),
+        "quick": quick,
+        "threads_per_process": 1,
+    }
     result["machine"] = machine()
     result["command"] = " ".join(["hist-bench"] + sys.argv[1:])
     result["bench_s"] = time.time() - t0
@@ -214,24 +265,37 @@ def run(quick: bool, width: float, batch_size: int, device, data_dir=None, skip_
 
 
 def format_table(r: dict) -> str:
-    lines = [f"hist-bench on {r['machine'].get('gpu', r['machine']['cpu'])} ({r['settings']['device']}), "
-             f"ResNet-101 width {r['settings']['width']}, batch {r['settings']['batch_size']}"]
-    lines.append("subnetwork step time / full model (S=2,4,8): " + ", ".join(
-        f"{r['subnet_step_ratio'][s]:.3f} (FLOPs {r['subnet_flops_ratio'][s]:.3f})" for s in ("2", "4", "8")))
+    lines = [
+        f"hist-bench on {r['machine'].get('gpu', r['machine']['cpu'])} ({r['settings']['device']}), "
+        f"ResNet-101 width {r['settings']['width']}, batch {r['settings']['batch_size']}"
+    ]
+    lines.append(
+        "subnetwork step time / full model (S=2,4,8): "
+        + ", ".join(
+            f"{r['subnet_step_ratio'][s]:.3f} (FLOPs {r['subnet_flops_ratio'][s]:.3f})" for s in ("2", "4", "8")
+        )
+    )
     for m in ("ist", "ist-restart", "ist-fp16-restart", "local-sgd", "local-sgd-restart", "dp"):
-        lines.append(f"bytes per round, {m:17s} (S/N=2,4,8): " + ", ".join(
-            f"{r['bytes_per_round'][m][s] / 1e9:.3f} GB" for s in ("2", "4", "8"))
-            + ("  published: " + ", ".join(f"{v:.3f}" for v in PUBLISHED_GB[m.split("-restart")[0]].values())
-               if m.split("-restart")[0] in PUBLISHED_GB else ""))
+        lines.append(
+            f"bytes per round, {m:17s} (S/N=2,4,8): "
+            + ", ".join(f"{r['bytes_per_round'][m][s] / 1e9:.3f} GB" for s in ("2", "4", "8"))
+            + (
+                "  published: " + ", ".join(f"{v:.3f}" for v in PUBLISHED_GB[m.split("-restart")[0]].values())
+                if m.split("-restart")[0] in PUBLISHED_GB
+                else ""
+            )
+        )
     lines.append(f"data pipeline / model images per second: {r['pipeline_ratio']:.1f}x")
     if "speedup_np2" in r:
-        lines.append("speedup of 2 processes over 1 (wall per epoch): " + ", ".join(
-            f"{m} {v:.2f}x" for m, v in r["speedup_np2"].items()))
+        lines.append(
+            "speedup of 2 processes over 1 (wall per epoch): "
+            + ", ".join(f"{m} {v:.2f}x" for m, v in r["speedup_np2"].items())
+        )
         lines.append(f"IST sync share of a round: {100 * r['sync_share']:.2f}%")
         a = r["accuracy"]
-        lines.append(f"accuracy on {a['dataset']}: single {a['single']:.2f}%, IST S=2 {a['ist_s2']:.2f}%, "
-                     f"IST S=4 {a['ist_s4']:.2f}%")
+        lines.append(
+            f"accuracy on {a['dataset']}: single {a['single']:.2f}%, IST S=2 {a['ist_s2']:.2f}%, "
+            f"IST S=4 {a['ist_s4']:.2f}%"
+        )
     lines.append(f"({r['bench_s']:.0f} s)")
     return "\n".join(lines)
-
-

@@ -5,6 +5,7 @@ and overwrite each other's checkpoints. Rank 0 holds an exclusive `flock` on `<f
 for the whole run; the kernel releases it when the process ends, however it ends, so a
 killed or requeued job never leaves a stale lock (the empty lock file itself stays).
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -14,7 +15,7 @@ import socket
 import time
 from pathlib import Path
 
-from .errors import HistError
+from ..errors import HistError
 
 
 class RunLock:
@@ -43,11 +44,16 @@ class RunLock:
             except ValueError:
                 holder = {}
             f.close()
-            who = (f" (pid {holder.get('pid')} on {holder.get('host')}, since "
-                   f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(holder.get('since', 0)))})"
-                   if holder else "")
-            raise HistError(f"{path} is in use by another run{who}; wait for it to end, or give this run "
-                            f"another --out (and --checkpoint)")
+            who = (
+                f" (pid {holder.get('pid')} on {holder.get('host')}, since "
+                f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(holder.get('since', 0)))})"
+                if holder
+                else ""
+            )
+            raise HistError(
+                f"{path} is in use by another run{who}; wait for it to end, or give this run "
+                f"another --out (and --checkpoint)"
+            )
         lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}))
         return f
 

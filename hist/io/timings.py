@@ -4,6 +4,7 @@ The file is opened, appended to and closed every round, so a killed run leaves a
 file and a reader never sees half a round. The layout (`SCHEMA_VERSION`) is documented in
 the README; `read_run` is the one reader the report uses.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -19,7 +20,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .errors import HistError, write_failure_cause
+from ..errors import HistError, write_failure_cause
 
 SCHEMA = "hist-timings"
 SCHEMA_VERSION = 1
@@ -101,8 +102,10 @@ class TimingWriter:
             if tmp is not None:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
-            raise HistError(f"cannot write the timing file {self.path}: {write_failure_cause(self.path, e)}; "
-                            f"the rounds written so far are kept; free space or choose another --out")
+            raise HistError(
+                f"cannot write the timing file {self.path}: {write_failure_cause(self.path, e)}; "
+                f"the rounds written so far are kept; free space or choose another --out"
+            )
 
     @contextlib.contextmanager
     def _open(self, mode: str):
@@ -118,8 +121,7 @@ class TimingWriter:
         for name in EVAL_COLUMNS:
             f["evals"][name].resize(keep_e, axis=0)
 
-    def add_round(self, round_index: int, steps: int, epoch: float, wall_s: float,
-                  per_rank: dict[str, list]) -> None:
+    def add_round(self, round_index: int, steps: int, epoch: float, wall_s: float, per_rank: dict[str, list]) -> None:
         with self._open("a") as f:
             r = f["rounds"]
             for name in RANK_COLUMNS:
@@ -130,8 +132,13 @@ class TimingWriter:
     def add_eval(self, round_index: int, epoch: float, wall_s: float, loss: float, accuracy: float) -> None:
         with self._open("a") as f:
             e = f["evals"]
-            for name, value in (("round", round_index), ("epoch", epoch), ("wall_s", wall_s),
-                                ("test_loss", loss), ("test_accuracy", accuracy)):
+            for name, value in (
+                ("round", round_index),
+                ("epoch", epoch),
+                ("wall_s", wall_s),
+                ("test_loss", loss),
+                ("test_accuracy", accuracy),
+            ):
                 _append(e[name], value)
 
     def finish(self, status: str, total_wall_s: float) -> None:
@@ -143,16 +150,21 @@ class TimingWriter:
 def _check_schema(f: h5py.File, path: Path) -> None:
     schema, version = f.attrs.get("schema"), f.attrs.get("schema_version")
     if schema != SCHEMA:
-        raise HistError(f"{path} is an HDF5 file but not a hist timing file (no schema={SCHEMA!r} "
-                        f"attribute); pass the files hist-train wrote")
+        raise HistError(
+            f"{path} is an HDF5 file but not a hist timing file (no schema={SCHEMA!r} "
+            f"attribute); pass the files hist-train wrote"
+        )
     if int(version) != SCHEMA_VERSION:
-        raise HistError(f"{path} has timing schema version {version}; this hist reads version "
-                        f"{SCHEMA_VERSION}; use the hist version that wrote it")
+        raise HistError(
+            f"{path} has timing schema version {version}; this hist reads version "
+            f"{SCHEMA_VERSION}; use the hist version that wrote it"
+        )
 
 
 @dataclass
 class Run:
     """One run's file, read into memory."""
+
     path: Path
     attrs: dict
     rounds: dict[str, np.ndarray]
@@ -188,16 +200,21 @@ def read_checked(path: Path) -> Run:
             attrs[name] = kind(attrs[name])
         attrs["width"] = float(attrs.get("width", 1.0))
         world = attrs["world_size"]
-        if world < 1 or any(rounds[k].ndim != 2 or rounds[k].shape[1] != world for k in RANK_COLUMNS) \
-                or any(v.ndim != 1 for v in (*evals.values(), *(rounds[k] for k in ROUND_COLUMNS))):
+        if (
+            world < 1
+            or any(rounds[k].ndim != 2 or rounds[k].shape[1] != world for k in RANK_COLUMNS)
+            or any(v.ndim != 1 for v in (*evals.values(), *(rounds[k] for k in ROUND_COLUMNS)))
+        ):
             raise ValueError(f"columns do not match world_size {world}")
         if not isinstance(json.loads(attrs.get("config", "{}")), dict):
             raise ValueError("the config attribute is not a JSON object")
     except HistError:
         raise
     except Exception as e:  # a flipped bit or a cut can surface as almost any error
-        raise HistError(f"{path} is damaged ({type(e).__name__}: {_first_line(e)}); it was cut short "
-                        f"or altered: leave it out or run it again")
+        raise HistError(
+            f"{path} is damaged ({type(e).__name__}: {_first_line(e)}); it was cut short "
+            f"or altered: leave it out or run it again"
+        )
     # A run killed mid-write may leave columns one row apart: keep the complete rows.
     n = min(len(v) for v in rounds.values())
     rounds = {k: v[:n] for k, v in rounds.items()}

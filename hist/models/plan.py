@@ -3,6 +3,7 @@
 A plan is a pure function of (seed, round, number of blocks, subnets, minimum depth), so every
 rank computes the same plan with no communication; `Plan.digest` lets the ranks check that.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -46,13 +47,11 @@ class Plan:
 def validate(n_blocks: int, subnets: int, min_depth: int) -> None:
     """Raise ValueError with a user-facing message if no plan can be drawn."""
     if subnets < 1:
-        raise ValueError(f"--subnets must be at least 1, got {subnets}")
+        raise ValueError(f"subnetworks must be at least 1, got {subnets}")
     if subnets > n_blocks:
-        raise ValueError(
-            f"--subnets {subnets} is more than the {n_blocks} partitionable blocks of layer3; "
-            f"use at most {n_blocks} subnetworks or a deeper --arch")
+        raise ValueError(f"{subnets} subnetworks are more than the {n_blocks} partitionable blocks of layer3")
     if min_depth < 0 or min_depth > n_blocks:
-        raise ValueError(f"--min-depth {min_depth} must be between 0 and the {n_blocks} partitionable blocks")
+        raise ValueError(f"minimum depth {min_depth} must be between 0 and the {n_blocks} partitionable blocks")
 
 
 def make_plan(seed: int, round_index: int, n_blocks: int, subnets: int, min_depth: int = 0) -> Plan:

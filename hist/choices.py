@@ -1,0 +1,21 @@
+"""Every named choice of hist, in one place: the options, their validation and the analysis
+all read these tuples. (Architectures live with the networks in `hist.models`, presets in
+`hist.presets`.) Nothing here imports anything, so the command lines stay quick to start."""
+
+DATASETS = ("cifar10", "cifar100", "svhn", "synthetic")
+METHODS = ("ist", "local-sgd", "dp")
+AGGREGATES = ("copy", "average")
+SCHEDULES = ("step", "cosine")
+OPTIMIZER_STATES = ("average", "restart")
+LR_SCALINGS = ("linear", "none")
+SHARED_PRECISIONS = ("fp32", "fp16")
+DEVICES = ("auto", "cpu", "cuda")
+STOP_SIGNALS = ("USR2", "USR1", "TERM")
+
+# A one-process run trains the full model whatever method was asked for; it is labelled so.
+SINGLE = "single"
+
+
+def run_label(method: str, world_size: int) -> str:
+    """The method a run is reported under: `single` for one process."""
+    return method if world_size > 1 else SINGLE

@@ -1,0 +1,109 @@
+"""Byte accounting and the block schedule: pure functions, shared by the live run, the bench
+and the projection, so the three always count alike.
+
+Bytes are counted logically per rank: an allreduce over k ranks of M bytes costs each rank
+2(k-1)/k*M sent and received (ring); a broadcast costs the root (k-1)*M sent and every other
+member M received. The block schedule is a pure function of two plans, so its bytes can be
+counted without running MPI.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+from ..models.plan import Plan
+
+
+def ring_allreduce_bytes(nbytes: float, k: int) -> float:
+    """Bytes one rank sends (and receives) in a ring allreduce of `nbytes` over `k` ranks."""
+    return 2 * (k - 1) / k * nbytes if k > 1 else 0.0
+
+
+@dataclass
+class Traffic:
+    """Bytes this rank sent and received since the last `take`."""
+
+    sent: float = 0.0
+    received: float = 0.0
+
+    def allreduce(self, nbytes: int, k: int) -> None:
+        self.sent += ring_allreduce_bytes(nbytes, k)
+        self.received += ring_allreduce_bytes(nbytes, k)
+
+    def broadcast(self, nbytes: int, k: int, is_root: bool) -> None:
+        if is_root:
+            self.sent += (k - 1) * nbytes
+        else:
+            self.received += nbytes
+
+    def take(self) -> tuple[float, float]:
+        out = (self.sent, self.received)
+        self.sent = self.received = 0.0
+        return out
+
+
+@dataclass(frozen=True)
+class BlockOp:
+    """One MPI collective over the global `ranks` carrying the concatenated `blocks`."""
+
+    kind: str  # "allreduce" (average over holders) or "bcast" (from root)
+    ranks: tuple[int, ...]
+    root: int | None
+    blocks: tuple[int, ...]
+
+
+def schedule_blocks(plan: Plan, next_plan: Plan | None, ranks_per_subnet: int, aggregate: str) -> list[BlockOp]:
+    """The transfers that bring every block's aggregate to the ranks that train it next.
+
+    `next_plan=None` means everyone needs everything (evaluation, checkpoint, end). Blocks with
+    the same senders and receivers travel together. Every rank derives the same list, in the
+    same order, so the blocking collectives cannot deadlock.
+    """
+    g = ranks_per_subnet
+    reduce_groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
+    bcast_groups: dict[tuple[int, tuple[int, ...]], list[int]] = defaultdict(list)
+    for b in range(plan.n_blocks):
+        holders = plan.holders(b)
+        src = plan.owner[b]
+        needers = next_plan.holders(b) if next_plan is not None else tuple(range(plan.subnets))
+        if aggregate == "average" and len(holders) > 1:
+            reduce_groups[holders].append(b)
+            have = set(holders)
+        else:
+            have = {src}
+        receivers = tuple(sorted(set(needers) - have))
+        if receivers:
+            bcast_groups[(src, receivers)].append(b)
+    ops = []
+    for j in range(g):  # column j: the j-th rank of each subnetwork talks to the j-th of the others
+        for holders, blocks in sorted(reduce_groups.items()):
+            ops.append(BlockOp("allreduce", tuple(s * g + j for s in holders), None, tuple(blocks)))
+    for j in range(g):
+        for (src, receivers), blocks in sorted(bcast_groups.items()):
+            ranks = tuple(sorted([src * g + j] + [t * g + j for t in receivers]))
+            ops.append(BlockOp("bcast", ranks, src * g + j, tuple(blocks)))
+    return ops
+
+
+def round_bytes(
+    plan: Plan,
+    next_plan: Plan | None,
+    ranks_per_subnet: int,
+    aggregate: str,
+    block_nbytes: list[int],
+    shared_nbytes: int,
+) -> tuple[float, float]:
+    """(sent, received) over all ranks for one IST round, by the same accounting as the live run."""
+    world = plan.subnets * ranks_per_subnet
+    t = Traffic()
+    for r in range(world):
+        t.allreduce(shared_nbytes, world)
+        for op in schedule_blocks(plan, next_plan, ranks_per_subnet, aggregate):
+            if r in op.ranks:
+                nbytes = sum(block_nbytes[b] for b in op.blocks)
+                if op.kind == "allreduce":
+                    t.allreduce(nbytes, len(op.ranks))
+                else:
+                    t.broadcast(nbytes, len(op.ranks), r == op.root)
+    return t.sent, t.received

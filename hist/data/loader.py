@@ -1,0 +1,102 @@
+"""On-device batches: a whole split on the training device, sharded per rank each epoch,
+augmented (crop and flip) and normalised in one batched operation, so the training loop never
+runs per-image Python."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .sources import STATS, Split
+
+
+class DeviceLoader:
+    """A whole split on the device; per-rank shards of a seeded per-epoch permutation.
+
+    Each epoch, the permutation (identical on all ranks) is cut into `world` disjoint shards
+    of floor(N / world) images; the remainder (< world images) sits out that epoch, and a
+    different remainder sits out the next. Each shard gives floor(shard / batch) full batches;
+    its last partial batch is dropped too, so every step of every rank has the same shape.
+    """
+
+    def __init__(
+        self,
+        split: Split,
+        dataset: str,
+        batch_size: int,
+        device: torch.device,
+        seed: int,
+        rank: int = 0,
+        world: int = 1,
+        augment: bool = True,
+    ):
+        self.images = torch.from_numpy(np.ascontiguousarray(split.images)).to(device)
+        self.labels = torch.from_numpy(split.labels).to(device)
+        mean, std = STATS[dataset]
+        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1)
+        self.batch_size, self.device, self.seed = batch_size, device, seed
+        self.rank, self.world = rank, world
+        self.augment = augment
+        self.flip = dataset != "svhn"  # digits are not mirror-symmetric
+        self.shard_size = len(self.labels) // world
+        self.steps_per_epoch = self.shard_size // batch_size  # 0 when the batch exceeds the shard
+        self._epoch, self._shard = -1, None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def shard(self, epoch: int) -> torch.Tensor:
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            perm = torch.randperm(len(self.labels), generator=g)
+            start = self.rank * self.shard_size
+            self._shard = perm[start : start + self.shard_size].to(self.device)
+            self._epoch = epoch
+        return self._shard
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch `step` of this rank's stream (epochs follow one another), augmented and normalised."""
+        epoch, i = divmod(step, self.steps_per_epoch)
+        idx = self.shard(epoch)[i * self.batch_size : (i + 1) * self.batch_size]
+        x = self.images[idx]
+        if self.augment:
+            g = torch.Generator(device=self.device).manual_seed((self.seed * 7919 + self.rank) * 1_000_003 + step)
+            x = augment_batch(x, g, self.flip)
+        return self.normalise(x), self.labels[idx]
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.float().div_(255) - self.mean) / self.std
+
+    def calibration_batches(self, n_batches: int):
+        """The same unaugmented batches on every rank (a fixed permutation of the whole split)."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 - 1)
+        order = torch.randperm(len(self.labels), generator=g).to(self.device)
+        for i in range(min(n_batches, len(order) // self.batch_size)):
+            idx = order[i * self.batch_size : (i + 1) * self.batch_size]
+            yield self.normalise(self.images[idx]), self.labels[idx]
+
+    def eval_batches(self, batch_size: int, rank: int = 0, world: int = 1):
+        """Contiguous slice `rank` of the whole split, unaugmented, in batches."""
+        n = len(self.labels)
+        lo, hi = n * rank // world, n * (rank + 1) // world
+        for s in range(lo, hi, batch_size):
+            e = min(s + batch_size, hi)
+            yield self.normalise(self.images[s:e]), self.labels[s:e]
+
+
+def augment_batch(x: torch.Tensor, g: torch.Generator, flip: bool, pad: int = 4) -> torch.Tensor:
+    """Random crop with zero padding and (optionally) horizontal flip, batched on x's device."""
+    n, _, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=g, device=x.device)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=g, device=x.device)
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]  # (n,1,h,1)
+    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]  # (n,1,1,w)
+    batch = torch.arange(n, device=x.device)[:, None, None, None]
+    chan = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+    out = padded[batch, chan, rows, cols]
+    if flip:
+        mirror = torch.rand(n, generator=g, device=x.device) < 0.5
+        out = torch.where(mirror[:, None, None, None], out.flip(3), out)
+    return out

@@ -1,0 +1,18 @@
+"""The engine: the round loop, one step, evaluation, the learning-rate schedule, stop signals."""
+
+from .evaluation import evaluate, recalibrate_batchnorm
+from .loop import Result, RoundStats, train
+from .schedule import lr_at, peak_lr
+from .signals import STOP_SIGNALS, StopFlag
+
+__all__ = [
+    "Result",
+    "RoundStats",
+    "STOP_SIGNALS",
+    "StopFlag",
+    "evaluate",
+    "lr_at",
+    "peak_lr",
+    "recalibrate_batchnorm",
+    "train",
+]

@@ -1,0 +1,46 @@
+"""Evaluation of the global model: BatchNorm recalibrated for the full network, then the whole
+test split, shared among the ranks."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..comm import Synchroniser
+from ..data import DeviceLoader
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: torch.nn.Module, batches) -> None:
+    """Recompute BatchNorm statistics for the full model: running statistics gathered by
+    subnetworks describe shallower networks, so they are not kept or communicated at all."""
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the calibration batches
+    model.train()
+    for x, _ in batches:
+        model(x)
+    for m, mom in zip(bns, saved):
+        m.momentum = mom
+
+
+@torch.no_grad()
+def evaluate(
+    model, test: DeviceLoader, calibration, sync: Synchroniser, scale: float, batch_size: int
+) -> tuple[float, float]:
+    """(mean loss, accuracy %) of the full model on the whole test split, shared among ranks."""
+    model.set_full(scale)
+    recalibrate_batchnorm(model, calibration)
+    model.eval()
+    loss_sum = correct = 0.0
+    count = 0
+    for x, y in test.eval_batches(batch_size, sync.rank, sync.size):
+        out = model(x)
+        loss_sum += F.cross_entropy(out, y, reduction="sum").item()
+        correct += (out.argmax(1) == y).sum().item()
+        count += len(y)
+    total = sync.sum_over_world([loss_sum, correct, count])
+    model.train()
+    return total[0] / total[2], 100.0 * total[1] / total[2]

@@ -1,0 +1,221 @@
+"""The round loop: one optimisation step at a time, rounds of `local_iters` steps.
+
+A method (built by the caller) decides what a round trains and how it is synchronised; the
+loop times data, compute and synchronisation, evaluates the global model, asks for
+checkpoints, agrees with the other ranks on stops, divergence and failed writes, and hands
+each round's figures to a recorder. It knows neither HDF5 nor a method's internals.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..comm import Synchroniser
+from ..config import Config
+from ..data import DeviceLoader
+from ..errors import CollectiveError, HistError
+from ..methods import Method
+from ..models import PreActResNet
+from .evaluation import evaluate
+from .schedule import lr_at
+from .signals import StopFlag
+
+
+@dataclass
+class RoundStats:
+    """One rank's figures for one round."""
+
+    compute_s: float = 0.0
+    data_s: float = 0.0
+    sync_s: float = 0.0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    loss: float = 0.0
+
+
+@dataclass
+class Result:
+    rounds: int
+    final_loss: float | None
+    final_accuracy: float | None
+    wall_s: float
+    stopped_early: bool = False
+
+
+class GuardedWriter:
+    """Rank 0's writes (timing file, checkpoints): the first failure is kept, not raised, so
+    that the ranks can agree on it at the round end; later writes are skipped."""
+
+    def __init__(self, recorder):
+        self.recorder, self.error = recorder, None
+
+    def guard(self, fn, *args) -> None:
+        if self.error is None:
+            try:
+                fn(*args)
+            except HistError as e:
+                self.error = e
+
+    def __getattr__(self, name):  # add_round, add_eval, finish: no-ops off rank 0
+        method = getattr(self.recorder, name, None) if self.recorder is not None else None
+        return (lambda *args: self.guard(method, *args)) if method is not None else (lambda *args: None)
+
+
+def _cuda_sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train(
+    cfg: Config,
+    model: PreActResNet,
+    method: Method,
+    sync: Synchroniser,
+    train_data: DeviceLoader,
+    test_data: DeviceLoader,
+    peak: float,
+    recorder=None,
+    save_checkpoint=None,
+    log=print,
+    stop: StopFlag | None = None,
+    resume_state: dict | None = None,
+    identity: dict | None = None,
+) -> Result:
+    """Run rounds until the epochs are done or a stop is requested; returns the final figures.
+
+    `recorder` (rank 0 only) receives add_round/add_eval/finish, `save_checkpoint` (rank 0
+    only) a checkpoint's state; both None elsewhere.
+    """
+    device = next(model.parameters()).device
+    stop = stop or StopFlag(cfg.stop_signal)
+    steps_per_epoch = train_data.steps_per_epoch
+    total_steps = max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    n_rounds = math.ceil(total_steps / cfg.local_iters)
+    optimizer = method.optimizer
+    start_round, wall_before = 0, 0.0
+    if resume_state is not None:
+        model.load_state_dict(resume_state["model"])
+        if resume_state.get("optimizer") is not None:
+            optimizer.load_state_dict(resume_state["optimizer"])
+        method.load_state_dict(resume_state.get("method") or {})
+        start_round, wall_before = resume_state["round"], resume_state["wall_s"]
+        log(f"resuming from the checkpoint at round {start_round}")
+    else:
+        sync.broadcast_model(model)
+    calibration = list(train_data.calibration_batches(cfg.bn_batches))
+    t0 = time.perf_counter() - wall_before
+    result = Result(n_rounds, None, None, 0.0)
+    if start_round >= n_rounds:  # resuming a run that had finished: report its model again
+        result.final_loss, result.final_accuracy = evaluate(
+            model, test_data, calibration, sync, method.eval_scale(), cfg.eval_batch_size
+        )
+        log(f"the checkpoint is already at the last round ({n_rounds}); nothing left to train")
+    loss_fn = torch.nn.CrossEntropyLoss()
+    writer = GuardedWriter(recorder)
+
+    for r in range(start_round, n_rounds):
+        stats = RoundStats()
+        sync.traffic.take()  # the round's byte count starts at zero
+        t = time.perf_counter()
+        method.begin_round(r)
+        stats.sync_s += time.perf_counter() - t
+        first, last = r * cfg.local_iters, min((r + 1) * cfg.local_iters, total_steps)
+        loss_sum = torch.zeros((), device=device)
+        for step in range(first, last):
+            t = time.perf_counter()
+            x, y = train_data.batch(step)
+            _cuda_sync(device)
+            t1 = time.perf_counter()
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, total_steps, steps_per_epoch, cfg, peak)
+            model.zero_grad(set_to_none=True)
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            t2 = time.perf_counter()
+            method.after_backward()
+            t3 = time.perf_counter()
+            method.step()
+            loss_sum += loss.detach()
+            _cuda_sync(device)
+            t4 = time.perf_counter()
+            stats.data_s += t1 - t
+            stats.compute_s += (t2 - t1) + (t4 - t3)
+            stats.sync_s += t3 - t2
+        stats.loss = loss_sum.item() / (last - first)
+
+        t = time.perf_counter()
+        # One allreduce carries the stop flag and, per rank, whether its loss is still finite.
+        flags = sync.sum_over_world(
+            [float(stop.raised)] + [float(i == sync.rank and not math.isfinite(stats.loss)) for i in range(sync.size)]
+        )
+        stop_now = flags[0] > 0
+        diverged = [i for i in range(sync.size) if flags[1 + i] > 0]
+        if diverged:
+            writer.finish("diverged", time.perf_counter() - t0)
+            raise CollectiveError(
+                f"training diverged in round {r + 1} (epoch {last / steps_per_epoch:.2f}): the loss on "
+                f"rank{'s' if len(diverged) > 1 else ''} {', '.join(map(str, diverged))} is not finite; "
+                f"nothing of this round was kept (the timing file has the good rounds, status 'diverged'"
+                f", the last checkpoint, if any, is unchanged); "
+                f"try a lower --lr or a --warmup-epochs of 1 or more"
+            )
+        final = r == n_rounds - 1
+        evaluate_now = (
+            final
+            or (cfg.eval_every and (r + 1) % cfg.eval_every == 0)
+            or (
+                cfg.eval_every_epochs
+                and math.floor(last / steps_per_epoch / cfg.eval_every_epochs)
+                > math.floor(first / steps_per_epoch / cfg.eval_every_epochs)
+            )
+        )
+        checkpoint_now = stop_now or final or (cfg.checkpoint_every and (r + 1) % cfg.checkpoint_every == 0)
+        method.end_round(r, full=bool(evaluate_now or checkpoint_now))
+        _cuda_sync(device)
+        stats.sync_s += time.perf_counter() - t
+        stats.bytes_sent, stats.bytes_received = (int(v) for v in sync.traffic.take())
+
+        wall = time.perf_counter() - t0
+        epoch = last / steps_per_epoch
+        gathered = sync.gather(stats)
+        if recorder is not None:
+            per_rank = {k: [getattr(s, k) for s in gathered] for k in RoundStats.__dataclass_fields__}
+            writer.add_round(r, last - first, epoch, wall, per_rank)
+        if evaluate_now:
+            loss, acc = evaluate(model, test_data, calibration, sync, method.eval_scale(), cfg.eval_batch_size)
+            result.final_loss, result.final_accuracy = loss, acc
+            writer.add_eval(r, epoch, time.perf_counter() - t0, loss, acc)
+            log(
+                f"round {r + 1}/{n_rounds} epoch {epoch:.2f} train loss {stats.loss:.4f} "
+                f"test loss {loss:.4f} test accuracy {acc:.2f}%"
+            )
+        elif sys.stderr.isatty() and sync.rank == 0:
+            sys.stderr.write(f"\rround {r + 1}/{n_rounds} epoch {epoch:.2f} loss {stats.loss:.4f}")
+            sys.stderr.flush()
+        if checkpoint_now and save_checkpoint is not None:
+            writer.guard(
+                save_checkpoint,
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict() if method.keeps_optimizer_state else None,
+                    "method": method.state_dict(),
+                    "round": r + 1,
+                    "wall_s": time.perf_counter() - t0,
+                    "identity": identity,
+                    "config": cfg.as_dict(),
+                },
+            )
+        # Ranks agree on rank 0's writes, so a full disk ends every rank, none waits.
+        if sync.any_over_world(writer.error is not None):
+            raise CollectiveError(str(writer.error) if writer.error else "rank 0 could not write its files")
+        if stop_now and not final:
+            result.stopped_early = True
+            log(f"stopping at round {r + 1} on a signal; checkpoint written, resume with --resume")
+            break
+    result.wall_s = time.perf_counter() - t0
+    return result

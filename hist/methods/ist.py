@@ -1,0 +1,75 @@
+"""Independent subnetwork training (ResIST)."""
+
+from __future__ import annotations
+
+from ..models import Plan, make_plan
+from .base import Averaging, momentum_buffers
+
+
+class IST(Averaging):
+    """Independent subnetwork training: each subnetwork trains its share of layer3[1:].
+
+    With `--warmup-local-sgd-epochs`, the first rounds are local SGD on the full model (the
+    ResIST release needs this on ImageNet); IST starts at the first round after them.
+    """
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.plan: Plan | None = None
+        self.warm = False
+
+    def plan_for(self, r: int) -> Plan:
+        return make_plan(self.cfg.seed, r, len(self.blocks), self.sync.subnets, self.cfg.min_depth)
+
+    def begin_round(self, r: int) -> None:
+        super().begin_round(r)
+        self.warm = r < self.warm_rounds
+        if self.warm:
+            self.plan = None
+            self.model.set_full()
+        else:
+            self.plan = self.plan_for(r)
+            if r % self.cfg.plan_check_every == 0:
+                self.sync.check_same(self.plan.digest, f"subnetwork plan of round {r}")
+            self.model.set_subnetwork(self.plan.blocks[self.sync.subnet])
+        if self.outer or self.cfg.shared_precision == "fp16":
+            self.snapshot(self.active_params())
+
+    def my_blocks(self) -> list[int]:
+        return list(self.plan.blocks[self.sync.subnet]) if self.plan is not None else list(range(len(self.blocks)))
+
+    def active_params(self):
+        return self.shared + [p for b in self.my_blocks() for p in self.blocks[b]]
+
+    def after_backward(self) -> None:
+        self.sync.average_gradients(self.active_params())
+
+    def end_round(self, r: int, full: bool) -> None:
+        if self.warm:  # local SGD: afterwards every rank holds the whole model
+            self.average_everything()
+            return
+        if self.cfg.shared_precision == "fp16":
+            self.sync.average_changes_over_world(self.shared, [self.starts[p] for p in self.shared])
+            if self.average_state:
+                self.sync.average_over_world(momentum_buffers(self.optimizer, self.shared))
+        else:
+            self.sync.average_over_world(self.carried(self.shared, outer=False))
+        if self.outer:
+            self.outer_step(self.shared)
+        next_plan = None if full else self.plan_for(r + 1)
+        travelling = [self.carried(ps, outer=True) for ps in self.blocks]
+        if self.outer:  # average among holders, step, then deliver the stepped block
+            self.sync.sync_blocks(travelling, self.plan, next_plan, self.cfg.aggregate, kinds=("allreduce",))
+            self.outer_step([p for b in self.my_blocks() for p in self.blocks[b]])
+            self.sync.sync_blocks(travelling, self.plan, next_plan, self.cfg.aggregate, kinds=("bcast",))
+        else:
+            self.sync.sync_blocks(travelling, self.plan, next_plan, self.cfg.aggregate)
+
+    def eval_scale(self) -> float:
+        # Each block trained in a fraction p of the subnetworks; scaling its residual branch by p
+        # keeps the full network's activations at the size the subnetworks were trained with.
+        # (Group sizes, hence p, are the same every round.) After local-SGD warm-up rounds the
+        # full network was trained as it is evaluated.
+        if self.sync.subnets == 1 or self.warm:
+            return 1.0
+        return self.plan_for(0).keep_fraction()
