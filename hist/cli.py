@@ -15,16 +15,7 @@ from pathlib import Path
 
 import click
 
-from .choices import (
-    AGGREGATES,
-    DEVICES,
-    LR_SCALINGS,
-    METHODS,
-    OPTIMIZER_STATES,
-    SCHEDULES,
-    SHARED_PRECISIONS,
-    STOP_SIGNALS,
-)
+from . import choices
 from .config import Config
 from .errors import CollectiveError, HistError
 from .presets import PRESETS
@@ -101,20 +92,20 @@ def _apply_preset(ctx: click.Context, param, name):
 @click.option("--synthetic-size", default=Config.synthetic_size, help="Training images of the synthetic dataset.")
 @click.option("--arch", default=Config.arch, help="preact_resnet18|34|101|152 (hist.models.ARCHS).")
 @click.option("--width", default=Config.width, help="Channel multiplier (small for CPU runs).")
-@click.option("--method", default=Config.method, type=click.Choice(METHODS))
+@click.option("--method", default=Config.method, type=click.Choice(choices.METHODS))
 @click.option("--subnets", default=Config.subnets, help="IST subnetworks (0 = one per process).")
 @click.option("--min-depth", default=Config.min_depth, help="Least partitioned blocks per subnetwork.")
-@click.option("--aggregate", default=Config.aggregate, type=click.Choice(AGGREGATES))
+@click.option("--aggregate", default=Config.aggregate, type=click.Choice(choices.AGGREGATES))
 @click.option(
     "--shared-precision",
     default=Config.shared_precision,
-    type=click.Choice(SHARED_PRECISIONS),
+    type=click.Choice(choices.SHARED_PRECISIONS),
     help="IST: average the shared parameters' change per round in fp16 (half the bytes).",
 )
 @click.option(
     "--optimizer-state",
     default=Config.optimizer_state,
-    type=click.Choice(OPTIMIZER_STATES),
+    type=click.Choice(choices.OPTIMIZER_STATES),
     help="ist/local-sgd: restart SGD momentum every round, or average it with the weights.",
 )
 @click.option(
@@ -136,12 +127,12 @@ def _apply_preset(ctx: click.Context, param, name):
 @click.option("--lr", default=Config.lr, help="Peak learning rate.")
 @click.option("--momentum", default=Config.momentum)
 @click.option("--weight-decay", default=Config.weight_decay)
-@click.option("--schedule", default=Config.schedule, type=click.Choice(SCHEDULES))
+@click.option("--schedule", default=Config.schedule, type=click.Choice(choices.SCHEDULES))
 @click.option("--warmup-epochs", default=Config.warmup_epochs, help="Linear warm-up from lr/10.")
 @click.option(
     "--lr-scaling",
     default=Config.lr_scaling,
-    type=click.Choice(LR_SCALINGS),
+    type=click.Choice(choices.LR_SCALINGS),
     help="linear: peak lr x processes (pair with --warmup-epochs).",
 )
 @click.option("--bn-batches", default=Config.bn_batches, help="Batches that recalibrate BatchNorm before evaluation.")
@@ -161,12 +152,12 @@ def _apply_preset(ctx: click.Context, param, name):
 @click.option(
     "--stop-signal",
     default=Config.stop_signal,
-    type=click.Choice(STOP_SIGNALS),
+    type=click.Choice(choices.STOP_SIGNALS),
     help="Signal that checkpoints and stops at the next round end (match #SBATCH --signal); SIGTERM always does.",
 )
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint if there is one.")
 @click.option("--seed", default=Config.seed)
-@click.option("--device", default=Config.device, type=click.Choice(DEVICES))
+@click.option("--device", default=Config.device, type=click.Choice(choices.DEVICES))
 @click.option("--threads", default=Config.threads, help="Torch threads per process (0 = default).")
 @click.option("--out", type=click.Path(path_type=str), help="Timing file [default: runs/<method>-<dataset>-np<N>.h5].")
 @user_errors("hist-train")
@@ -244,7 +235,7 @@ def report(paths, output, fmt, oversubscribed_above, target_accuracy, merge, no_
 @click.option("--width", default=0.25, help="Channel multiplier of the ResNet-101 for the step timings.")
 @click.option("--run-width", default=0.125, help="Channel multiplier of the ResNet-101 for the hist-train runs.")
 @click.option("--batch-size", default=64)
-@click.option("--device", default="auto", type=click.Choice(DEVICES))
+@click.option("--device", default="auto", type=click.Choice(choices.DEVICES))
 @click.option(
     "--data-dir",
     type=click.Path(path_type=str),
@@ -318,9 +309,9 @@ def accuracy_suite(dataset, preset, folder, processes, methods, seeds, oversubsc
     from .analysis.suite import run_suite
 
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
-    bad = [m for m in method_list if m not in METHODS]
+    bad = [m for m in method_list if m not in choices.METHODS]
     if bad:
-        raise HistError(f"--methods: unknown {', '.join(bad)}; choose from {', '.join(METHODS)}")
+        raise HistError(f"--methods: unknown {', '.join(bad)}; choose from {', '.join(choices.METHODS)}")
     folder = folder or Path("runs") / f"accuracy-{preset}-{dataset}"
     try:  # the settings every run resolves to: the preset under the options given, as hist-train parses them
         ctx = train.make_context("hist-train", [dataset, "--preset", preset, *train_options])

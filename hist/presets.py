@@ -9,55 +9,36 @@ from __future__ import annotations
 
 from .errors import HistError
 
+# ResIST's training recipe: SGD 0.1, momentum 0.9, weight decay 5e-4, learning rate /10 at 50%
+# and 75%, batch 128 per process, 50 local iterations, ResNet-101.
+RECIPE = dict(
+    arch="preact_resnet101", batch_size=128, lr=0.1, momentum=0.9, weight_decay=5e-4, schedule="step", local_iters=50
+)
+
 # name -> (what it is for, Config keys it sets)
 PRESETS: dict[str, tuple[str, dict]] = {
     "paper": (
         "ResIST's CIFAR setting for GPUs: ResNet-101 width 1, 160 epochs, batch 128 per process",
-        dict(
-            arch="preact_resnet101",
-            width=1.0,
-            epochs=160,
-            batch_size=128,
-            lr=0.1,
-            momentum=0.9,
-            weight_decay=5e-4,
-            schedule="step",
-            local_iters=50,
-            eval_every_epochs=10,
-            checkpoint_every=100,
-        ),
+        {**RECIPE, "width": 1.0, "epochs": 160, "eval_every_epochs": 10, "checkpoint_every": 100},
     ),
     "cpu": (
-        "the same comparison sized for a 2-core CPU: ResNet-101 width 1/16, 12 epochs, one thread a process",
-        dict(
-            arch="preact_resnet101",
-            width=0.0625,
-            epochs=12,
-            batch_size=128,
-            lr=0.1,
-            momentum=0.9,
-            weight_decay=5e-4,
-            schedule="step",
-            local_iters=50,
-            eval_every_epochs=1,
-            checkpoint_every=20,
-            threads=1,
-        ),
+        "the same recipe sized for a 2-core CPU: ResNet-101 width 1/16, 12 epochs, one thread a process",
+        {**RECIPE, "width": 0.0625, "epochs": 12, "eval_every_epochs": 1, "checkpoint_every": 20, "threads": 1},
     ),
     "smoke": (
         "a seconds-long check that the suite runs end to end (CI)",
-        dict(
-            arch="preact_resnet101",
-            width=0.0625,
-            epochs=0.25,
-            batch_size=32,
-            lr=0.05,
-            local_iters=4,
-            eval_every_epochs=0.1,
-            bn_batches=2,
-            threads=1,
-            synthetic_size=1024,
-        ),
+        {
+            "arch": "preact_resnet101",
+            "width": 0.0625,
+            "epochs": 0.25,
+            "batch_size": 32,
+            "lr": 0.05,
+            "local_iters": 4,
+            "eval_every_epochs": 0.1,
+            "bn_batches": 2,
+            "threads": 1,
+            "synthetic_size": 1024,
+        },
     ),
 }
 

@@ -53,3 +53,29 @@ def horovodrun(n, *args, **kw):
 
 def mpirun(n, *args, **kw):
     return run(["mpirun", "-np", n, "--oversubscribe", "--bind-to", "none", *args], **kw)
+
+
+def options(**values) -> list[str]:
+    """hist-train options from keywords: options(batch_size=16) gives ["--batch-size", "16"]."""
+    out = []
+    for key, value in values.items():
+        out += [f"--{key.replace('_', '-')}", str(value)]
+    return out
+
+
+# The smallest network that still trains: ResNet-34 (5 partitioned blocks) at width 1/16.
+TINY_MODEL = options(arch="preact_resnet34", width=0.0625)
+
+
+def spawn(n, *args, merge_output=False):
+    """`horovodrun -np n` in the background, in a session of its own (killable as a group)."""
+    cmd = [BIN / "horovodrun", "-np", n, "-H", f"localhost:{n}", *args]
+    return subprocess.Popen(
+        [str(c) for c in cmd],
+        env=mpi_env(),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT if merge_output else subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )

@@ -2,20 +2,9 @@
 
 import pytest
 
-from helpers import BIN, horovodrun, run
+from helpers import BIN, TINY_MODEL, horovodrun, options, run
 
-TINY = [
-    "--arch",
-    "preact_resnet34",
-    "--width",
-    "0.0625",
-    "--batch-size",
-    "16",
-    "--synthetic-size",
-    "256",
-    "--threads",
-    "1",
-]
+TINY = [*TINY_MODEL, *options(batch_size=16, synthetic_size=256, threads=1)]
 
 
 def one_line_error(proc, *needles):

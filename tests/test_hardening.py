@@ -13,24 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import BIN, ROOT, horovodrun, mpi_env, run
+from helpers import BIN, TINY_MODEL, horovodrun, options, run, spawn
 
-TINY = [
-    "--arch",
-    "preact_resnet34",
-    "--width",
-    "0.0625",
-    "--batch-size",
-    "16",
-    "--synthetic-size",
-    "256",
-    "--threads",
-    "1",
-    "--local-iters",
-    "4",
-    "--bn-batches",
-    "2",
-]
+TINY = [*TINY_MODEL, *options(batch_size=16, synthetic_size=256, threads=1, local_iters=4, bn_batches=2)]
 
 
 class CreatesFile:
@@ -163,16 +148,7 @@ def _small_fs(tmp_path, size="3m"):
 
 
 def _spawn(args):
-    cmd = [BIN / "horovodrun", "-np", "2", "-H", "localhost:2", BIN / "hist-train", *args]
-    return subprocess.Popen(
-        [str(c) for c in cmd],
-        env=mpi_env(),
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    return spawn(2, BIN / "hist-train", *args)
 
 
 @pytest.mark.parametrize("fault", ["disk-full", "read-only"])

@@ -10,25 +10,14 @@ from pathlib import Path
 import h5py
 import pytest
 
-from helpers import ROOT, sample_dir
+from helpers import ROOT, TINY_MODEL, options, sample_dir
 
 sys.path.insert(0, str(Path(__file__).parent / "slurm"))
 from cluster import Cluster, available  # noqa: E402
 
 GOLDEN = Path(__file__).parent / "golden"
 VENV = Path(sys.executable).parent.parent
-TINY = [
-    "--arch",
-    "preact_resnet34",
-    "--width",
-    "0.0625",
-    "--batch-size",
-    "32",
-    "--local-iters",
-    "5",
-    "--bn-batches",
-    "2",
-]
+TINY = [*TINY_MODEL, *options(batch_size=32, local_iters=5, bn_batches=2)]
 
 CASES = {  # golden file -> (template, nodes, tasks)
     "single_1gpu": ("single_1gpu.sbatch", 1, 1),

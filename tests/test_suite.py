@@ -10,6 +10,10 @@ from hist.presets import PRESETS
 from helpers import BIN, run
 
 
+def suite_command(*args):
+    return [BIN / "hist-bench", "accuracy", "--preset", "smoke", "--dataset", "synthetic", *args]
+
+
 def test_presets_set_defaults_and_the_command_line_wins(tmp_path):
     out = tmp_path / "p.h5"
     run([BIN / "hist-train", "synthetic", "--preset", "smoke", "--arch", "preact_resnet34", "--out", out])
@@ -37,20 +41,7 @@ def test_paper_and_cpu_presets_are_the_published_settings():
 @pytest.mark.slow
 def test_accuracy_suite_runs_every_method_then_reports_and_continues(tmp_path):
     folder = tmp_path / "suite"
-    cmd = [
-        BIN / "hist-bench",
-        "accuracy",
-        "--preset",
-        "smoke",
-        "--dataset",
-        "synthetic",
-        "--processes",
-        "1,2",
-        "--methods",
-        "ist,local-sgd",
-        "--out",
-        folder,
-    ]
+    cmd = suite_command("--processes", "1,2", "--methods", "ist,local-sgd", "--out", folder)
     run(cmd, timeout=900)
     names = sorted(p.name for p in folder.glob("*.h5"))
     assert names == ["ist-np2-seed0.h5", "local-sgd-np2-seed0.h5", "single-np1-seed0.h5"]
@@ -69,18 +60,7 @@ def test_accuracy_suite_runs_every_method_then_reports_and_continues(tmp_path):
 
 def test_a_folder_holds_one_comparison(tmp_path):
     folder = tmp_path / "suite"
-    base = [
-        BIN / "hist-bench",
-        "accuracy",
-        "--preset",
-        "smoke",
-        "--dataset",
-        "synthetic",
-        "--processes",
-        "1",
-        "--out",
-        folder,
-    ]
+    base = suite_command("--processes", "1", "--out", folder)
     run(base, timeout=300)
     proc = run(base + ["--", "--lr", "0.5"], check=False, timeout=120)
     assert proc.returncode == 2 and "other settings" in proc.stderr and "Traceback" not in proc.stderr

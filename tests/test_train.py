@@ -10,26 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import BIN, ROOT, horovodrun, mpi_env, run
+from helpers import BIN, TINY_MODEL, horovodrun, options, run, spawn
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
-TINY = [
-    "--arch",
-    "preact_resnet34",
-    "--width",
-    "0.0625",
-    "--batch-size",
-    "32",
-    "--threads",
-    "1",
-    "--synthetic-size",
-    "512",
-    "--local-iters",
-    "4",
-    "--bn-batches",
-    "2",
-]
+TINY = [*TINY_MODEL, *options(batch_size=32, threads=1, synthetic_size=512, local_iters=4, bn_batches=2)]
 
 
 def rounds(path):
@@ -123,12 +108,8 @@ def final_model(path):
 
 
 def _spawn(args, out):
-    cmd = [
-        BIN / "horovodrun",
-        "-np",
-        "2",
-        "-H",
-        "localhost:2",
+    return spawn(
+        2,
         BIN / "hist-train",
         "synthetic",
         "--epochs",
@@ -139,15 +120,7 @@ def _spawn(args, out):
         "--out",
         out,
         *args,
-    ]
-    return subprocess.Popen(
-        [str(c) for c in cmd],
-        env=mpi_env(),
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
+        merge_output=True,
     )
 
 
