@@ -61,7 +61,7 @@ done
 "$bin/python" - "$folder" <<'PY'
 import sys
 from pathlib import Path
-from hist.report import load_runs
+from hist.analysis.report import load_runs
 KEYS = [("optimizer_state", "momentum"), ("lr_scaling", "lr scaling"), ("warmup_epochs", "warm-up epochs"),
         ("outer_lr", "outer lr"), ("outer_momentum", "outer momentum"),
         ("warmup_local_sgd_epochs", "local-SGD epochs first"), ("local_iters", "local iters"),
