@@ -72,6 +72,8 @@ ref = next((r.config for r in runs if name(r) == "ist"), {})
 rows = []
 for run in runs:
     e, r, c = run.evals, run.rounds, run.config
+    if run.attrs.get("status") != "completed" or not len(e["test_accuracy"]):
+        continue  # running or interrupted: not a result yet
     diff = ", ".join(f"{label} {c.get(k)}" for k, label in KEYS if c.get(k) != ref.get(k)) or "-"
     rows.append((name(run), run.attrs["method"], int(run.attrs["world_size"]), diff, float(e["test_accuracy"][-1]),
                  float(r["wall_s"][-1]), float(r["bytes_sent"].sum(axis=1).mean()) / 1e6, float(r["epoch"][-1])))
