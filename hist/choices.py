@@ -9,6 +9,8 @@ SCHEDULES = ("step", "cosine")
 OPTIMIZER_STATES = ("average", "restart")
 LR_SCALINGS = ("linear", "none")
 SHARED_PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "bf16", "fp16")
+BLOCK_TRANSPORTS = ("auto", "host", "device")
 DEVICES = ("auto", "cpu", "cuda")
 STOP_SIGNALS = ("USR2", "USR1", "TERM")
 

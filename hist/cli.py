@@ -157,6 +157,24 @@ def _apply_preset(ctx: click.Context, param, name):
 )
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint if there is one.")
 @click.option("--seed", default=Config.seed)
+@click.option(
+    "--precision",
+    default=Config.precision,
+    type=click.Choice(choices.PRECISIONS),
+    help="Autocast of the forward pass; fp16 adds a gradient scaler agreed within each subnetwork.",
+)
+@click.option("--channels-last", is_flag=True, help="NHWC memory layout for the model and the batches.")
+@click.option(
+    "--block-transport",
+    default=Config.block_transport,
+    type=click.Choice(choices.BLOCK_TRANSPORTS),
+    help="IST blocks over MPI: host (pinned buffers), device (CUDA-aware MPI), auto (device where possible).",
+)
+@click.option(
+    "--overlap/--no-overlap",
+    default=Config.overlap,
+    help="IST: move blocks while the shared-parameter allreduce is in flight.",
+)
 @click.option("--device", default=Config.device, type=click.Choice(choices.DEVICES))
 @click.option("--threads", default=Config.threads, help="Torch threads per process (0 = default).")
 @click.option("--out", type=click.Path(path_type=str), help="Timing file [default: runs/<method>-<dataset>-np<N>.h5].")

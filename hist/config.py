@@ -7,10 +7,12 @@ from dataclasses import dataclass
 
 from .choices import (
     AGGREGATES,
+    BLOCK_TRANSPORTS,
     DEVICES,
     LR_SCALINGS,
     METHODS,
     OPTIMIZER_STATES,
+    PRECISIONS,
     SCHEDULES,
     SHARED_PRECISIONS,
     STOP_SIGNALS,
@@ -62,6 +64,14 @@ class Config:
     )
     resume: bool = False  # continue from the checkpoint if it exists
     seed: int = 0  # seeds the model, the plans, the data order and augmentation
+    precision: str = (
+        "fp32"  # fp32 | bf16 | fp16: autocast of the forward pass; fp16 adds a gradient scaler (weights stay fp32)
+    )
+    channels_last: bool = False  # NHWC memory layout for the model and batches (faster convolutions on tensor cores)
+    block_transport: str = (
+        "auto"  # auto | host | device: IST blocks over MPI via pinned host buffers or device memory (CUDA-aware MPI)
+    )
+    overlap: bool = True  # IST: block transfers run while the shared-parameter allreduce is in flight
     device: str = "auto"  # auto (the local rank's GPU if CUDA works, else CPU) | cpu | cuda
     threads: int = 0  # torch intra-op threads per process (0 = torch's default)
     out: str | None = None  # timing file (default: runs/<method>-<dataset>-np<N>[-<jobid>].h5)
@@ -78,6 +88,8 @@ class Config:
             _one_of("--lr-scaling", self.lr_scaling, LR_SCALINGS),
             _one_of("--stop-signal", self.stop_signal, STOP_SIGNALS),
             _one_of("--device", self.device, DEVICES),
+            _one_of("--precision", self.precision, PRECISIONS),
+            _one_of("--block-transport", self.block_transport, BLOCK_TRANSPORTS),
             (self.lr > 0, f"--lr {self.lr} must be positive"),
             (self.outer_lr > 0, f"--outer-lr {self.outer_lr} must be positive"),
             (0 <= self.outer_momentum < 1, f"--outer-momentum {self.outer_momentum} must be in [0, 1)"),

@@ -22,7 +22,7 @@ import torch
 
 from . import data as datasets
 from .choices import run_label
-from .comm import Synchroniser
+from .comm import Synchroniser, resolve_block_transport
 from .config import Config
 from .engine import Result, StopFlag, peak_lr, train
 from .errors import CollectiveError, HistError
@@ -97,6 +97,7 @@ class Checked:
     out: Path
     checkpoint: Path
     device: torch.device
+    block_transport: str  # what --block-transport resolves to here: host or device
 
 
 def check_options(cfg: Config, world_size: int, local_rank: int) -> Checked:
@@ -121,7 +122,8 @@ def check_options(cfg: Config, world_size: int, local_rank: int) -> Checked:
     out = Path(cfg.out) if cfg.out else default_out(cfg, world_size)
     check_writable(out)
     checkpoint = Path(cfg.checkpoint) if cfg.checkpoint else out.with_suffix(".ckpt.pt")
-    return Checked(subnets, out, checkpoint, resolve_device(cfg.device, local_rank))
+    device = resolve_device(cfg.device, local_rank)
+    return Checked(subnets, out, checkpoint, device, resolve_block_transport(cfg.block_transport, device))
 
 
 def load_data(cfg: Config, world_size: int):
@@ -183,6 +185,7 @@ def open_recorder(cfg, sync, checked, device, train_data, test_data, resume_stat
             "train_images": len(train_data),
             "test_images": len(test_data),
             "steps_per_epoch": train_data.steps_per_epoch,
+            "block_transport": checked.block_transport,
         }
         try:
             recorder = TimingWriter(checked.out, meta, sync.size, resume_state["round"] if resume_state else 0)
@@ -202,7 +205,12 @@ def run_training(cfg: Config) -> Result:
     stop.install()  # before MPI starts, so an early SIGTERM is not lost
 
     on_cpu = checked.device.type == "cpu"
-    sync = Synchroniser(checked.subnets, cycle_time_ms=50 if on_cpu else None, yield_when_idle=on_cpu)
+    sync = Synchroniser(
+        checked.subnets,
+        cycle_time_ms=50 if on_cpu else None,
+        yield_when_idle=on_cpu,
+        block_transport=checked.block_transport,
+    )
     options_digest = hashlib.sha256(json.dumps(cfg.as_dict(), sort_keys=True).encode()).digest()
     sync.check_same(int.from_bytes(options_digest[:7], "little"), "options")
     lock = claim_outputs(sync, checked)
@@ -216,10 +224,13 @@ def run_training(cfg: Config) -> Result:
     torch.manual_seed(cfg.seed)
     device = checked.device
     model = build_model(cfg.arch, datasets.NUM_CLASSES[cfg.dataset], cfg.width).to(device)
+    layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model.to(memory_format=layout)
     train_data = datasets.DeviceLoader(
         train_split, cfg.dataset, cfg.batch_size, device, cfg.seed, sync.rank, sync.size, augment=True
     )
     test_data = datasets.DeviceLoader(test_split, cfg.dataset, cfg.eval_batch_size, device, cfg.seed, augment=False)
+    train_data.memory_format = test_data.memory_format = layout
     peak = peak_lr(cfg, sync.size)
     method = build_method(cfg, model, sync, train_data.steps_per_epoch, peak)
     recorder = open_recorder(
@@ -229,7 +240,8 @@ def run_training(cfg: Config) -> Result:
     log = print if sync.rank == 0 else (lambda *a, **k: None)
     log(
         f"hist-train {cfg.method} on {cfg.dataset}: {sync.size} process(es), {checked.subnets} subnetwork(s), "
-        f"{cfg.arch} width {cfg.width}, device {device}, timings -> {checked.out}"
+        f"{cfg.arch} width {cfg.width}, device {device}, {cfg.precision}"
+        f"{', channels_last' if cfg.channels_last else ''}, timings -> {checked.out}"
     )
     if resume_state is not None:
         log(f"resuming from {checked.checkpoint}")

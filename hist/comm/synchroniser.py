@@ -11,6 +11,7 @@ ranks, never data or files.
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from dataclasses import dataclass, field
 
@@ -23,16 +24,81 @@ from ..world import world_info_from_env
 from .traffic import Traffic, schedule_blocks
 
 
-def _flatten(tensors) -> torch.Tensor:
-    return torch.cat([t.detach().reshape(-1) for t in tensors])
-
-
 def _unflatten_into(flat: torch.Tensor, tensors) -> None:
     offset = 0
     for t in tensors:
         n = t.numel()
         t.data.copy_(flat[offset : offset + n].view_as(t))
         offset += n
+
+
+def _contiguous(tensors) -> tuple[list[torch.Tensor], object]:
+    """Tensors Horovod can reduce in place (it refuses non-contiguous ones, e.g. channels_last
+    weights and their gradients), and a function that copies the results back."""
+    sendable = [t if t.is_contiguous() else t.contiguous() for t in tensors]
+
+    def copy_back():
+        for t, c in zip(tensors, sendable):
+            if c is not t:
+                t.copy_(c)
+
+    return sendable, copy_back
+
+
+class ContiguousCompression:
+    """Horovod's compression hook used only to hand it contiguous gradients: a channels_last
+    gradient is reduced as a contiguous copy and written back into the original tensor."""
+
+    @staticmethod
+    def compress(tensor):
+        return (tensor, None) if tensor.is_contiguous() else (tensor.contiguous(), tensor)
+
+    @staticmethod
+    def decompress(tensor, original):
+        return tensor if original is None else original.copy_(tensor)
+
+
+def cuda_aware_mpi() -> bool:
+    """Whether the MPI library can read and write GPU memory directly.
+
+    Open MPI reports it in `ompi_info`; MPICH derivatives are switched on by the environment
+    (Cray MPICH_GPU_SUPPORT_ENABLED, MVAPICH2 MV2_USE_CUDA). `HIST_CUDA_AWARE_MPI=0|1` overrides.
+    """
+    forced = os.environ.get("HIST_CUDA_AWARE_MPI")
+    if forced is not None:
+        return forced == "1"
+    if os.environ.get("MPICH_GPU_SUPPORT_ENABLED") == "1" or os.environ.get("MV2_USE_CUDA") == "1":
+        return True
+    try:
+        out = subprocess.run(["ompi_info", "--parsable", "--all"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return "mpi_built_with_cuda_support:value:true" in out
+
+
+def resolve_block_transport(choice: str, device: torch.device) -> str:
+    """The transport `--block-transport` means on this device and MPI: host or device."""
+    if device.type != "cuda":
+        return "host"  # the tensors already live in host memory: no staging either way
+    aware = cuda_aware_mpi()
+    if choice == "device" and not aware:
+        raise HistError(
+            "--block-transport device needs a CUDA-aware MPI and this one is not (ompi_info shows "
+            "mpi_built_with_cuda_support false); use --block-transport host or auto"
+        )
+    return "device" if choice == "device" or (choice == "auto" and aware) else "host"
+
+
+class Pending:
+    """Communication in flight; `wait()` completes it (and copies results into place)."""
+
+    def __init__(self, *waits):
+        self._waits = list(waits)
+
+    def wait(self) -> None:
+        for w in self._waits:
+            w()
+        self._waits = []
 
 
 @dataclass
@@ -47,6 +113,9 @@ class Synchroniser:
     # Open MPI busy-polls while it waits; on CPU-only ranks, yielding gives that core back to
     # the training thread (IST ResNet-101, 2 ranks on 2 cores: 0.28 -> 0.24 s per local step).
     yield_when_idle: bool = False
+    # How IST blocks reach MPI ("host": staged through pinned buffers; "device": GPU memory
+    # handed to a CUDA-aware MPI). `resolve_block_transport` picks it for a device.
+    block_transport: str = "host"
     traffic: Traffic = field(default_factory=Traffic)
 
     def __post_init__(self):
@@ -89,42 +158,59 @@ class Synchroniser:
             )
         self.subnet_set = sets[self.subnet] if use_sets else hvd.global_process_set if g == self.size else None
         self._comms: dict[tuple[int, ...], object] = {}
+        # Staging buffers for the block transfers, one per operation in flight, reused every
+        # round: no fresh array per operation.
+        self._staging: dict[int, torch.Tensor] = {}
 
     # ------------------------------------------------------------ Horovod
     def broadcast_model(self, model: torch.nn.Module) -> None:
-        # Horovod: every rank starts from rank 0's weights.
-        self.hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+        tensors, copy_back = _contiguous(list(model.state_dict().values()))
+        # Horovod: every rank starts from rank 0's weights (contiguous copies of channels_last ones).
+        handles = [self.hvd.broadcast_async_(t, root_rank=0, name=f"hist.model.{i}") for i, t in enumerate(tensors)]
+        for h in handles:
+            self.hvd.synchronize(h)
+        copy_back()
 
     def average_gradients(self, params) -> None:
         """Average the gradients of `params` over this rank's subnetwork (no-op for one rank)."""
         if self.subnet_set is None:
             return
-        grads = [p.grad for p in params if p.grad is not None]
+        grads, copy_back = _contiguous([p.grad for p in params if p.grad is not None])
         # Horovod: one fused allreduce on the subnetwork's process set.
         self.hvd.grouped_allreduce_(grads, op=self.hvd.Average, process_set=self.subnet_set, name="hist.subnet_grads")
+        copy_back()
         self.traffic.allreduce(sum(g.numel() * g.element_size() for g in grads), self.ranks_per_subnet)
+
+    def start_average_over_world(self, params, name: str = "hist.world_average") -> Pending:
+        """Start averaging parameters over all ranks; the caller overlaps other work, then waits."""
+        if self.size == 1:
+            return Pending()
+        tensors, copy_back = _contiguous([p.data for p in params])
+        # Horovod: asynchronous grouped allreduce over the global process set.
+        handle = self.hvd.grouped_allreduce_async_(tensors, op=self.hvd.Average, name=name)
+        self.traffic.allreduce(sum(t.numel() * t.element_size() for t in tensors), self.size)
+        return Pending(lambda: self.hvd.synchronize(handle), copy_back)
 
     def average_over_world(self, params) -> None:
         """Average parameters over all ranks (shared IST parameters, or the whole local-SGD model)."""
-        if self.size == 1:
-            return
-        tensors = [p.data for p in params]
-        # Horovod: grouped allreduce over the global process set.
-        self.hvd.grouped_allreduce_(tensors, op=self.hvd.Average, name="hist.world_average")
-        self.traffic.allreduce(sum(t.numel() * t.element_size() for t in tensors), self.size)
+        self.start_average_over_world(params).wait()
 
-    def average_changes_over_world(self, params, starts, dtype=torch.float16) -> None:
+    def start_average_changes_over_world(self, params, starts, dtype=torch.float16) -> Pending:
         """Average parameters over all ranks by sending their change since `starts` (identical
         on every rank) in `dtype`: half the bytes in fp16, and the rounding only touches the
         small change of one round, never the weights themselves."""
         if self.size == 1:
-            return
-        changes = [(p.data - s).to(dtype) for p, s in zip(params, starts)]
-        # Horovod: grouped allreduce of the fp16 changes over the global process set.
-        self.hvd.grouped_allreduce_(changes, op=self.hvd.Average, name="hist.world_changes")
+            return Pending()
+        changes = [(p.data - s).to(dtype).contiguous() for p, s in zip(params, starts)]
+        # Horovod: asynchronous grouped allreduce of the fp16 changes over the global process set.
+        handle = self.hvd.grouped_allreduce_async_(changes, op=self.hvd.Average, name="hist.world_changes")
         self.traffic.allreduce(sum(c.numel() * c.element_size() for c in changes), self.size)
-        for p, s, c in zip(params, starts, changes):
-            p.data.copy_(s + c.to(p.dtype))
+
+        def apply():
+            for p, s, c in zip(params, starts, changes):
+                p.data.copy_(s + c.view_as(p).to(p.dtype))
+
+        return Pending(lambda: self.hvd.synchronize(handle), apply)
 
     def sum_over_world(self, values) -> np.ndarray:
         """Sum a few floats over all ranks (evaluation counts, stop flags)."""
@@ -135,8 +221,11 @@ class Synchroniser:
         return t.numpy()
 
     def distributed_optimizer(self, optimizer, model):
-        # Horovod: data-parallel baseline, gradients averaged over all ranks during backward.
-        return self.hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters())
+        # Horovod: data-parallel baseline, gradients averaged over all ranks during backward
+        # (channels_last gradients handed over as contiguous copies).
+        return self.hvd.DistributedOptimizer(
+            optimizer, named_parameters=model.named_parameters(), compression=ContiguousCompression
+        )
 
     # ------------------------------------------------------------ MPI
     def _comm(self, ranks: tuple[int, ...]):
@@ -146,6 +235,17 @@ class Synchroniser:
             comm = self._comms[ranks] = self.world.Create_group(group)
         return comm
 
+    def _stage(self, slot: int, numel: int, like: torch.Tensor) -> torch.Tensor:
+        """The reusable buffer MPI reads and writes for this rank's `slot`-th operation of a
+        round (one per operation in flight, grown as needed): pinned host memory (host
+        transport; pinned only where there is a GPU to copy from) or device memory."""
+        device = like.device if self.block_transport == "device" else torch.device("cpu")
+        buf = self._staging.get(slot)
+        if buf is None or buf.numel() < numel or buf.dtype != like.dtype or buf.device != device:
+            pin = device.type == "cpu" and like.device.type == "cuda"
+            buf = self._staging[slot] = torch.empty(numel, dtype=like.dtype, device=device, pin_memory=pin)
+        return buf[:numel]
+
     def sync_blocks(
         self,
         block_params: list[list[torch.Tensor]],
@@ -153,31 +253,60 @@ class Synchroniser:
         next_plan: Plan | None,
         aggregate: str,
         kinds: tuple[str, ...] = ("allreduce", "bcast"),
-    ) -> None:
+        nonblocking: bool = False,
+    ) -> Pending:
         """Move each block's aggregate to the ranks that train it in `next_plan` (all if None).
 
         `block_params[b]` is every tensor that travels with block b (its parameters, and any
         optimizer state aggregated with them). `kinds` runs only the averaging among holders
         ("allreduce") or only the delivery ("bcast"), so that a step can sit between them.
+        `nonblocking` starts MPI's non-blocking collectives and returns them in flight (every
+        rank issues its operations in the one schedule order, so they cannot cross); otherwise
+        they complete before this returns.
         """
+        requests, finish = [], []
         for op in schedule_blocks(plan, next_plan, self.ranks_per_subnet, aggregate):
             if self.rank not in op.ranks or op.kind not in kinds:
                 continue
             tensors = [p for b in op.blocks for p in block_params[b]]
-            device = tensors[0].device
-            # MPI on host memory: works with any MPI, CUDA-aware or not.
-            buf = np.ascontiguousarray(_flatten(tensors).cpu().numpy())
+            numel = sum(t.numel() for t in tensors)
+            buf = self._stage(len(requests), numel, tensors[0])
+            if buf.device == tensors[0].device:
+                torch.cat([t.detach().reshape(-1) for t in tensors], out=buf)
+            else:  # device -> pinned host
+                buf.copy_(torch.cat([t.detach().reshape(-1) for t in tensors]), non_blocking=True)
+            if tensors[0].device.type == "cuda":
+                torch.cuda.current_stream(tensors[0].device).synchronize()  # MPI reads the buffer next
             comm = self._comm(op.ranks)
             k = len(op.ranks)
+            mpi_buf = buf if buf.device.type == "cuda" else buf.numpy()
             if op.kind == "allreduce":
-                comm.Allreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM)
-                buf /= k
-                self.traffic.allreduce(buf.nbytes, k)
+                requests.append(comm.Iallreduce(self.MPI.IN_PLACE, mpi_buf, op=self.MPI.SUM))
+                self.traffic.allreduce(buf.numel() * buf.element_size(), k)
             else:
-                root = op.ranks.index(op.root)
-                comm.Bcast(buf, root=root)
-                self.traffic.broadcast(buf.nbytes, k, self.rank == op.root)
-            _unflatten_into(torch.from_numpy(buf).to(device), tensors)
+                requests.append(comm.Ibcast(mpi_buf, root=op.ranks.index(op.root)))
+                self.traffic.broadcast(buf.numel() * buf.element_size(), k, self.rank == op.root)
+            finish.append((buf, tensors, k if op.kind == "allreduce" else 1))
+
+        def complete():
+            self.MPI.Request.Waitall(requests)
+            for buf, tensors, k in finish:
+                if k > 1:
+                    buf /= k
+                _unflatten_into(buf.to(tensors[0].device, non_blocking=True), tensors)
+
+        pending = Pending(complete)
+        if not nonblocking:
+            pending.wait()
+        return pending
+
+    def any_over_subnet(self, flag: bool) -> bool:
+        """True on every rank of this rank's subnetwork if `flag` is true on any of them (MPI)."""
+        g = self.ranks_per_subnet
+        if g == 1:
+            return bool(flag)
+        comm = self.world if g == self.size else self._comm(tuple(range(self.subnet * g, (self.subnet + 1) * g)))
+        return bool(comm.allreduce(bool(flag), op=self.MPI.LOR))
 
     def check_same(self, value: int, what: str) -> None:
         """Fail clearly if ranks disagree on `value` (a plan digest, a config hash)."""

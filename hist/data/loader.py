@@ -38,6 +38,7 @@ class DeviceLoader:
         self.batch_size, self.device, self.seed = batch_size, device, seed
         self.rank, self.world = rank, world
         self.augment = augment
+        self.memory_format = torch.contiguous_format  # torch.channels_last for NHWC models
         self.flip = dataset != "svhn"  # digits are not mirror-symmetric
         self.shard_size = len(self.labels) // world
         self.steps_per_epoch = self.shard_size // batch_size  # 0 when the batch exceeds the shard
@@ -66,7 +67,7 @@ class DeviceLoader:
         return self.normalise(x), self.labels[idx]
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.float().div_(255) - self.mean) / self.std
+        return ((x.float().div_(255) - self.mean) / self.std).contiguous(memory_format=self.memory_format)
 
     def calibration_batches(self, n_batches: int):
         """The same unaugmented batches on every rank (a fixed permutation of the whole split)."""

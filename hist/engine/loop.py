@@ -21,7 +21,9 @@ from ..data import DeviceLoader
 from ..errors import CollectiveError, HistError
 from ..methods import Method
 from ..models import PreActResNet
+from .clock import PhaseClock
 from .evaluation import evaluate
+from .precision import Precision
 from .schedule import lr_at
 from .signals import StopFlag
 
@@ -66,11 +68,6 @@ class GuardedWriter:
         return (lambda *args: self.guard(method, *args)) if method is not None else (lambda *args: None)
 
 
-def _cuda_sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def train(
     cfg: Config,
     model: PreActResNet,
@@ -97,58 +94,58 @@ def train(
     total_steps = max(1, math.ceil(cfg.epochs * steps_per_epoch))
     n_rounds = math.ceil(total_steps / cfg.local_iters)
     optimizer = method.optimizer
+    precision = Precision(cfg.precision, device)
     start_round, wall_before = 0, 0.0
     if resume_state is not None:
         model.load_state_dict(resume_state["model"])
         if resume_state.get("optimizer") is not None:
             optimizer.load_state_dict(resume_state["optimizer"])
         method.load_state_dict(resume_state.get("method") or {})
+        precision.load_state(resume_state.get("precision"), sync.rank)
         start_round, wall_before = resume_state["round"], resume_state["wall_s"]
         log(f"resuming from the checkpoint at round {start_round}")
     else:
         sync.broadcast_model(model)
     calibration = list(train_data.calibration_batches(cfg.bn_batches))
     t0 = time.perf_counter() - wall_before
+
+    def evaluate_model():
+        with precision.autocast():
+            return evaluate(model, test_data, calibration, sync, method.eval_scale(), cfg.eval_batch_size)
+
     result = Result(n_rounds, None, None, 0.0)
     if start_round >= n_rounds:  # resuming a run that had finished: report its model again
-        result.final_loss, result.final_accuracy = evaluate(
-            model, test_data, calibration, sync, method.eval_scale(), cfg.eval_batch_size
-        )
+        result.final_loss, result.final_accuracy = evaluate_model()
         log(f"the checkpoint is already at the last round ({n_rounds}); nothing left to train")
     loss_fn = torch.nn.CrossEntropyLoss()
     writer = GuardedWriter(recorder)
+    clock = PhaseClock(device)
 
     for r in range(start_round, n_rounds):
         stats = RoundStats()
         sync.traffic.take()  # the round's byte count starts at zero
-        t = time.perf_counter()
+        clock.start()
         method.begin_round(r)
-        stats.sync_s += time.perf_counter() - t
+        clock.lap("sync")
         first, last = r * cfg.local_iters, min((r + 1) * cfg.local_iters, total_steps)
         loss_sum = torch.zeros((), device=device)
         for step in range(first, last):
-            t = time.perf_counter()
             x, y = train_data.batch(step)
-            _cuda_sync(device)
-            t1 = time.perf_counter()
+            clock.lap("data")
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, total_steps, steps_per_epoch, cfg, peak)
             model.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x), y)
-            loss.backward()
-            t2 = time.perf_counter()
+            with precision.autocast():
+                loss = loss_fn(model(x), y)
+            precision.backward(loss)
+            clock.lap("compute")
             method.after_backward()
-            t3 = time.perf_counter()
-            method.step()
-            loss_sum += loss.detach()
-            _cuda_sync(device)
-            t4 = time.perf_counter()
-            stats.data_s += t1 - t
-            stats.compute_s += (t2 - t1) + (t4 - t3)
-            stats.sync_s += t3 - t2
+            clock.lap("sync")
+            precision.step(optimizer, method)
+            loss_sum += loss.detach().float()
+            clock.lap("compute")
         stats.loss = loss_sum.item() / (last - first)
 
-        t = time.perf_counter()
         # One allreduce carries the stop flag and, per rank, whether its loss is still finite.
         flags = sync.sum_over_world(
             [float(stop.raised)] + [float(i == sync.rank and not math.isfinite(stats.loss)) for i in range(sync.size)]
@@ -176,8 +173,9 @@ def train(
         )
         checkpoint_now = stop_now or final or (cfg.checkpoint_every and (r + 1) % cfg.checkpoint_every == 0)
         method.end_round(r, full=bool(evaluate_now or checkpoint_now))
-        _cuda_sync(device)
-        stats.sync_s += time.perf_counter() - t
+        clock.lap("sync")
+        phases = clock.read()
+        stats.data_s, stats.compute_s, stats.sync_s = (phases.get(k, 0.0) for k in ("data", "compute", "sync"))
         stats.bytes_sent, stats.bytes_received = (int(v) for v in sync.traffic.take())
 
         wall = time.perf_counter() - t0
@@ -187,7 +185,7 @@ def train(
             per_rank = {k: [getattr(s, k) for s in gathered] for k in RoundStats.__dataclass_fields__}
             writer.add_round(r, last - first, epoch, wall, per_rank)
         if evaluate_now:
-            loss, acc = evaluate(model, test_data, calibration, sync, method.eval_scale(), cfg.eval_batch_size)
+            loss, acc = evaluate_model()
             result.final_loss, result.final_accuracy = loss, acc
             writer.add_eval(r, epoch, time.perf_counter() - t0, loss, acc)
             log(
@@ -197,6 +195,7 @@ def train(
         elif sys.stderr.isatty() and sync.rank == 0:
             sys.stderr.write(f"\rround {r + 1}/{n_rounds} epoch {epoch:.2f} loss {stats.loss:.4f}")
             sys.stderr.flush()
+        scaler_states = precision.gather_state(sync) if checkpoint_now else None  # collective
         if checkpoint_now and save_checkpoint is not None:
             writer.guard(
                 save_checkpoint,
@@ -204,6 +203,7 @@ def train(
                     "model": model.state_dict(),
                     "optimizer": optimizer.state_dict() if method.keeps_optimizer_state else None,
                     "method": method.state_dict(),
+                    "precision": scaler_states,
                     "round": r + 1,
                     "wall_s": time.perf_counter() - t0,
                     "identity": identity,

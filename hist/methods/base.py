@@ -43,8 +43,17 @@ class Method:
     def after_backward(self) -> None:
         """Gradient synchronisation within the step (timed as sync)."""
 
-    def step(self) -> None:
-        self.optimizer.step()
+    def step(self, step_fn=None) -> None:
+        """The optimizer step; `step_fn(optimizer)` replaces `optimizer.step()` (a gradient scaler's step)."""
+        if step_fn is None:
+            self.optimizer.step()
+        else:
+            step_fn(self.optimizer)
+
+    # Where gradients are averaged, the ranks that average them must agree on skipping an
+    # overflowing fp16 step: `agree_on_overflow(flag)` is True on all of them if on any.
+    # None where every rank steps on its own gradients (one process, local SGD).
+    agree_on_overflow = None
 
     def end_round(self, r: int, full: bool) -> None:
         """Aggregation at the end of round r; `full` means every rank needs the whole model."""

@@ -10,13 +10,14 @@ class DataParallel(Method):
 
     def __init__(self, model, sync, cfg, optimizer, warm_rounds=0):
         super().__init__(model, sync, cfg, sync.distributed_optimizer(optimizer, model), warm_rounds)
+        self.agree_on_overflow = sync.any_over_world
 
     def after_backward(self) -> None:
         # Horovod: wait for the allreduces started during backward; the wait is the sync time.
         self.optimizer.synchronize()
         self.sync.traffic.allreduce(sum(p.numel() * p.element_size() for p in self.model.parameters()), self.sync.size)
 
-    def step(self) -> None:
-        # Horovod: the gradients are already averaged (synchronize above).
+    def step(self, step_fn=None) -> None:
+        # Horovod: the gradients are already averaged (synchronize above, before any unscaling).
         with self.optimizer.skip_synchronize():
-            self.optimizer.step()
+            super().step(step_fn)

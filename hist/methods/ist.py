@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..comm import Pending
 from ..models import Plan, make_plan
 from .base import Averaging, momentum_buffers
 
@@ -17,6 +18,8 @@ class IST(Averaging):
         super().__init__(*args)
         self.plan: Plan | None = None
         self.warm = False
+        if self.sync.ranks_per_subnet > 1:  # the ranks of a subnetwork average their gradients
+            self.agree_on_overflow = self.sync.any_over_subnet
 
     def plan_for(self, r: int) -> Plan:
         return make_plan(self.cfg.seed, r, len(self.blocks), self.sync.subnets, self.cfg.min_depth)
@@ -48,22 +51,37 @@ class IST(Averaging):
         if self.warm:  # local SGD: afterwards every rank holds the whole model
             self.average_everything()
             return
-        if self.cfg.shared_precision == "fp16":
-            self.sync.average_changes_over_world(self.shared, [self.starts[p] for p in self.shared])
-            if self.average_state:
-                self.sync.average_over_world(momentum_buffers(self.optimizer, self.shared))
-        else:
-            self.sync.average_over_world(self.carried(self.shared, outer=False))
-        if self.outer:
-            self.outer_step(self.shared)
+        # The shared parameters' allreduce (Horovod) starts first; with --overlap the block
+        # transfers (MPI) run while it is in flight, and both are waited for at the end.
+        shared = self.start_shared_average()
+        if not self.cfg.overlap:
+            shared.wait()
         next_plan = None if full else self.plan_for(r + 1)
         travelling = [self.carried(ps, outer=True) for ps in self.blocks]
+        overlap = self.cfg.overlap
         if self.outer:  # average among holders, step, then deliver the stepped block
             self.sync.sync_blocks(travelling, self.plan, next_plan, self.cfg.aggregate, kinds=("allreduce",))
             self.outer_step([p for b in self.my_blocks() for p in self.blocks[b]])
-            self.sync.sync_blocks(travelling, self.plan, next_plan, self.cfg.aggregate, kinds=("bcast",))
+            blocks = self.sync.sync_blocks(
+                travelling, self.plan, next_plan, self.cfg.aggregate, kinds=("bcast",), nonblocking=overlap
+            )
         else:
-            self.sync.sync_blocks(travelling, self.plan, next_plan, self.cfg.aggregate)
+            blocks = self.sync.sync_blocks(travelling, self.plan, next_plan, self.cfg.aggregate, nonblocking=overlap)
+        shared.wait()
+        blocks.wait()
+        if self.outer:
+            self.outer_step(self.shared)
+
+    def start_shared_average(self):
+        """Start averaging the shared parameters (and their momentum) over every rank."""
+        if self.cfg.shared_precision == "fp16":
+            pending = [self.sync.start_average_changes_over_world(self.shared, [self.starts[p] for p in self.shared])]
+            if self.average_state:
+                shared_momentum = momentum_buffers(self.optimizer, self.shared)
+                pending.append(self.sync.start_average_over_world(shared_momentum, name="hist.world_momentum"))
+        else:
+            pending = [self.sync.start_average_over_world(self.carried(self.shared, outer=False))]
+        return Pending(*(p.wait for p in pending))
 
     def eval_scale(self) -> float:
         # Each block trained in a fraction p of the subnetworks; scaling its residual branch by p

@@ -1,15 +1,18 @@
-"""The network: pre-activation ResNets with switchable blocks, the partition, the plan of a round."""
+"""The network: pre-activation ResNets (CIFAR and ImageNet style) with switchable blocks, the partition,
+the plan of a round."""
 
 from .partition import conv_flops, partitioned_block_count, shared_and_partitioned
 from .plan import Plan, make_plan
-from .resnet import ARCHS, BLOCK_COUNTS, PreActBlock, PreActResNet, build_model
+from .resnet import ARCHS, BLOCK_COUNTS, PreActBlock, PreActBottleneck, PreActResNet, SwitchableBlock, build_model
 
 __all__ = [
     "ARCHS",
     "BLOCK_COUNTS",
     "Plan",
     "PreActBlock",
+    "PreActBottleneck",
     "PreActResNet",
+    "SwitchableBlock",
     "build_model",
     "conv_flops",
     "make_plan",

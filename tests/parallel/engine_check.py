@@ -1,7 +1,9 @@
 """Run under horovodrun or mpirun: one real IST round through hist's own classes, checked.
 
-Arguments: SUBNETS AGGREGATE MIN_DEPTH [SHARED_PRECISION [OPTIMIZER_STATE [OUTER]]], OUTER being
-"plain" or "nesterov" (outer lr 0.7, momentum 0.9). Each rank trains on its own random data, then:
+Arguments: SUBNETS AGGREGATE MIN_DEPTH [SHARED_PRECISION [OPTIMIZER_STATE [OUTER [STEP [OVERLAP]]]]],
+OUTER being "plain" or "nesterov" (outer lr 0.7, momentum 0.9), STEP "fp32" or "bf16-cl" (bf16
+autocast with a channels_last model and batches), OVERLAP "overlap" (block transfers while the
+shared allreduce is in flight, the default) or "sequential". Each rank trains on its own random data, then:
 - exactly the blocks the plan gave its subnetwork (and all shared parameters) changed;
 - ranks of one subnetwork hold identical parameters (gradients averaged on the process set);
 - after a round synchronised towards the next plan, every rank that trains a block next
@@ -27,6 +29,8 @@ subnets, aggregate, min_depth = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 precision = sys.argv[4] if len(sys.argv) > 4 else "fp32"
 opt_state = sys.argv[5] if len(sys.argv) > 5 else "restart"
 outer = (sys.argv[6] if len(sys.argv) > 6 else "plain") == "nesterov"
+bf16_channels_last = (sys.argv[7] if len(sys.argv) > 7 else "fp32") == "bf16-cl"
+overlap = (sys.argv[8] if len(sys.argv) > 8 else "overlap") == "overlap"
 OUTER_FACTOR = 0.7 * 1.9  # first round: Nesterov with a zero buffer steps lr * (1 + momentum) * change
 torch.set_num_threads(1)
 sync = Synchroniser(subnets)
@@ -42,9 +46,13 @@ cfg = Config(
     optimizer_state=opt_state,
     outer_lr=0.7 if outer else 1.0,
     outer_momentum=0.9 if outer else 0.0,
+    overlap=overlap,
 )
 torch.manual_seed(cfg.seed)
 model = build_model(cfg.arch, 10, cfg.width)
+layout = torch.channels_last if bf16_channels_last else torch.contiguous_format
+model.to(memory_format=layout)
+autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16_channels_last)
 sync.broadcast_model(model)
 opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9)
 ist = IST(model, sync, cfg, opt)
@@ -61,7 +69,9 @@ def local_round(r):
     for _ in range(cfg.local_iters):
         x, y = torch.randn(8, 3, 32, 32, generator=gen), torch.randint(0, 10, (8,), generator=gen)
         model.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(model(x), y).backward()
+        with autocast:
+            loss = torch.nn.functional.cross_entropy(model(x.contiguous(memory_format=layout)), y)
+        loss.backward()
         ist.after_backward()
         ist.step()
 
@@ -120,6 +130,8 @@ for r, full in ((0, False), (1, True)):
             expected = stepped(start, np.mean([everyone[s * g][b] for s in holders], axis=0))
             np.testing.assert_allclose(flat(ist.blocks[b]), expected, rtol=0, atol=1e-5)
 
+if bf16_channels_last:  # the layout survived the round: every aggregate was copied back in place
+    assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
 state = flat(list(model.parameters()))
 assert all(np.array_equal(state, other) for other in world.allgather(state)), "models differ after full sync"
 if opt_state == "average":
