@@ -1,5 +1,6 @@
 """hist-train end to end: real processes, real HDF5 files, the real CIFAR-10 sample."""
 
+import json
 import os
 import signal
 import subprocess
@@ -107,13 +108,13 @@ def final_model(path):
     return torch.load(path, map_location="cpu", weights_only=False)["model"]
 
 
-def _spawn(args, out):
+def _spawn(args, out, epochs=6):
     return spawn(
         2,
         BIN / "hist-train",
         "synthetic",
         "--epochs",
-        "6",
+        str(epochs),
         *TINY,
         "--checkpoint-every",
         "2",
@@ -237,3 +238,38 @@ def test_a_dying_rank_ends_the_job_in_time(tmp_path):
     output = proc.stdout.read()
     assert code != 0 and time.time() - start < 60
     assert "rank" in output and "node" in output  # mpirun names the rank and host that died
+
+
+@pytest.mark.parametrize("method", ["ist", "dp"])
+def test_bf16_channels_last_trains_with_the_same_bytes(tmp_path, method):
+    runs = {}
+    for name, extra in (("fp32", []), ("bf16", ["--precision", "bf16", "--channels-last"])):
+        out = tmp_path / f"{name}.h5"
+        horovodrun(2, BIN / "hist-train", "synthetic", "--epochs", "3", *TINY, "--method", method, *extra, "--out", out)
+        runs[name] = rounds(out)
+    r, e, attrs = runs["bf16"]
+    assert r["loss"][-3:].mean() < r["loss"][:3].mean()  # it learns
+    assert json.loads(attrs["config"])["precision"] == "bf16" and attrs["block_transport"] == "host"
+    # the same tensors cross the wire in every round: precision and layout change no byte
+    assert np.array_equal(r["bytes_sent"], runs["fp32"][0]["bytes_sent"])
+    assert np.array_equal(r["bytes_received"], runs["fp32"][0]["bytes_received"])
+    assert not np.array_equal(r["loss"], runs["fp32"][0]["loss"])  # and bf16 really ran
+
+
+def test_resume_is_exact_with_fp16_and_its_loss_scale(tmp_path):
+    fp16 = ["--precision", "fp16", "--channels-last", "--subnets", "2"]
+    common = ["--epochs", "3", *TINY, "--checkpoint-every", "2", *fp16]
+    ref = tmp_path / "ref.h5"
+    horovodrun(2, BIN / "hist-train", "synthetic", *common, "--out", ref)
+    out = tmp_path / "cut.h5"
+    proc = _spawn(fp16, out, epochs=3)
+    _wait_for(out.with_suffix(".ckpt.pt"), proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(60)
+    horovodrun(2, BIN / "hist-train", "synthetic", *common, "--out", out, "--resume")
+    a = torch.load(ref.with_suffix(".ckpt.pt"), map_location="cpu", weights_only=True)
+    b = torch.load(out.with_suffix(".ckpt.pt"), map_location="cpu", weights_only=True)
+    assert len(a["precision"]) == 2  # one gradient scaler per rank: the subnetworks skip apart
+    assert a["precision"] == b["precision"]
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"] if not k.endswith("num_batches_tracked"))
+    assert np.array_equal(rounds(ref)[0]["loss"], rounds(out)[0]["loss"])
