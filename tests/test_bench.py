@@ -34,6 +34,11 @@ def test_bench_quick_prints_every_figure(cifar_sample):
     assert 0 <= r["sync_share"] < 1 and r["pipeline_ratio"] > 0
     assert set(r["accuracy"]) == {"dataset", "single", "ist_s2", "ist_s4"} and r["accuracy"]["dataset"] == "cifar10"
     assert r["machine"]["cores"] >= 1 and "torch" in r["machine"]
+    table = {(row["precision"], row["channels_last"]): row for row in r["precision_layout"]}
+    assert set(table) == {(p, cl) for p in ("fp32", "bf16", "fp16") for cl in (False, True)}
+    assert all(row["full_images_per_s"] > 0 and row["s8_images_per_s"] > 0 for row in table.values())
+    assert set(r["overlap"]["sync_s_per_round"]) == {"overlap", "no-overlap"}
+    assert all(v > 0 for v in r["overlap"]["sync_s_per_round"].values())
 
 
 def test_byte_counts_follow_the_models_sizes():

@@ -21,8 +21,9 @@ import numpy as np
 import torch
 
 from .. import data as datasets
-from ..choices import SINGLE
+from ..choices import PRECISIONS, SINGLE
 from ..comm import horovod_version, ring_allreduce_bytes, round_bytes
+from ..engine.precision import Precision
 from ..io.timings import read_run
 from ..models import build_model, conv_flops, make_plan, shared_and_partitioned
 
@@ -30,15 +31,31 @@ from ..models import build_model, conv_flops, make_plan, shared_and_partitioned
 PUBLISHED_GB = {"ist": {"2": 0.454, "4": 0.720, "8": 1.289}, "local-sgd": {"2": 0.662, "4": 1.325, "8": 2.649}}
 
 
-def _time_steps(model, x, y, steps: int, warmup: int) -> float:
-    """Fastest of `steps` SGD training steps after warm-up (the least disturbed by other load)."""
+class _Plain:
+    """The one-process method's step hooks, for timing a step outside a run."""
+
+    agree_on_overflow = None
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+
+    def step(self, step_fn=None):
+        (step_fn or (lambda o: o.step()))(self.optimizer)
+
+
+def _time_steps(model, x, y, steps: int, warmup: int, precision: str = "fp32") -> float:
+    """Fastest of `steps` SGD training steps after warm-up (the least disturbed by other load),
+    through the training's own precision switch."""
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    amp, hooks = Precision(precision, x.device), _Plain(opt)
     times = []
     for i in range(warmup + steps):
         t = time.perf_counter()
         model.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
+        with amp.autocast():
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        amp.backward(loss)
+        amp.step(opt, hooks)
         if x.device.type == "cuda":
             torch.cuda.synchronize()
         if i >= warmup:
@@ -62,6 +79,34 @@ def subnet_step_ratio(width: float, batch: int, device, steps: int, warmup: int)
         out["flops_ratio"][str(s)] = conv_flops(model, blocks) / full_flops
         model.set_full()
     return out
+
+
+def precision_supported(precision: str, device: torch.device) -> bool:
+    """Whether `device` runs `precision`'s autocast (bf16 needs Ampere or newer on a GPU)."""
+    if device.type == "cuda" and precision == "bf16":
+        return torch.cuda.is_bf16_supported()
+    return True
+
+
+def precision_layout(width: float, batch: int, device, steps: int, warmup: int) -> list[dict]:
+    """Training images/s of the full ResNet-101 and of an S=8 subnetwork, per precision and
+    memory layout."""
+    rows = []
+    for precision in PRECISIONS:
+        if not precision_supported(precision, device):
+            continue
+        for channels_last in (False, True):
+            layout = torch.channels_last if channels_last else torch.contiguous_format
+            torch.manual_seed(0)
+            model = build_model("preact_resnet101", 10, width).to(device).to(memory_format=layout)
+            x = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=layout)
+            y = torch.randint(0, 10, (batch,), device=device)
+            row = {"precision": precision, "channels_last": channels_last}
+            row["full_images_per_s"] = batch / _time_steps(model, x, y, steps, warmup, precision)
+            model.set_subnetwork(make_plan(0, 0, len(model.partitioned_blocks()), 8).blocks[0])
+            row["s8_images_per_s"] = batch / _time_steps(model, x, y, steps, warmup, precision)
+            rows.append(row)
+    return rows
 
 
 def bytes_per_round(local_iters: int = 50, rounds: int = 20) -> dict:
@@ -173,6 +218,38 @@ def end_to_end(width: float, batch: int, local_iters: int, synthetic_size: int, 
     return out
 
 
+def sync_overlap(width: float, batch: int, local_iters: int, synthetic_size: int, tmp: Path) -> dict:
+    """A round's sync time of 2-process IST with the block transfers overlapping the shared
+    allreduce and without (real hist-train runs; steady rounds, the last one left out)."""
+    common = [
+        "synthetic",
+        "--arch",
+        "preact_resnet101",
+        "--width",
+        str(width),
+        "--batch-size",
+        str(batch),
+        "--local-iters",
+        str(local_iters),
+        "--synthetic-size",
+        str(synthetic_size),
+        "--threads",
+        "1",
+        "--epochs",
+        "1",
+        "--bn-batches",
+        "1",
+    ]
+    out = {}
+    for flag in ("--no-overlap", "--overlap"):
+        path = tmp / f"sync{flag}.h5"
+        _train(common + [flag], 2, path, _env())
+        r = read_run(path).rounds
+        steady = slice(0, max(1, len(r["sync_s"]) - 1))
+        out[flag.removeprefix("--")] = float(r["sync_s"][steady].max(axis=1).mean())
+    return {"sync_s_per_round": out, "rounds": int(len(r["sync_s"]))}
+
+
 def accuracy(data_dir, epochs: float, tmp: Path) -> dict:
     """Final test accuracy of one full-model process and of IST with 2 and 4 subnetworks."""
     data_dir = data_dir or os.environ.get("HIST_DATA")
@@ -236,6 +313,7 @@ def run(
         "bytes_per_round": bytes_per_round(),
         "published_gb_per_round": PUBLISHED_GB,
     }
+    result["precision_layout"] = precision_layout(width, batch_size, device, steps, warmup)
     pipe = pipeline_ratio(width, batch_size, device, steps, warmup)
     result["pipeline_ratio"] = pipe["ratio"]
     result["pipeline"] = pipe
@@ -249,6 +327,13 @@ def run(
                 Path(tmp),
             )
             result.update(e2e)
+            result["overlap"] = sync_overlap(
+                0.0625 if quick else run_width,
+                16 if quick else batch_size,
+                4 if quick else 10,
+                256 if quick else 10 * batch_size * 2 * 12,
+                Path(tmp),
+            )
             result["accuracy"] = accuracy(data_dir, 0.2 if quick else 3, Path(tmp))
     result["settings"] = {
         "width": width,
@@ -285,6 +370,12 @@ def format_table(r: dict) -> str:
                 else ""
             )
         )
+    lines.append("training images/s by precision and layout (ResNet-101 full / S=8 subnetwork):")
+    for row in r["precision_layout"]:
+        layout = "channels_last" if row["channels_last"] else "NCHW"
+        lines.append(
+            f"  {row['precision']:4s} {layout:13s} {row['full_images_per_s']:9.1f} / {row['s8_images_per_s']:9.1f}"
+        )
     lines.append(f"data pipeline / model images per second: {r['pipeline_ratio']:.1f}x")
     if "speedup_np2" in r:
         lines.append(
@@ -292,6 +383,11 @@ def format_table(r: dict) -> str:
             + ", ".join(f"{m} {v:.2f}x" for m, v in r["speedup_np2"].items())
         )
         lines.append(f"IST sync share of a round: {100 * r['sync_share']:.2f}%")
+        o = r["overlap"]["sync_s_per_round"]
+        lines.append(
+            f"IST sync time of a round (2 processes, slowest rank): {o['no-overlap']:.3f} s sequential, "
+            f"{o['overlap']:.3f} s with the block transfers overlapping the shared allreduce"
+        )
         a = r["accuracy"]
         lines.append(
             f"accuracy on {a['dataset']}: single {a['single']:.2f}%, IST S=2 {a['ist_s2']:.2f}%, "
