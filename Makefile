@@ -11,6 +11,9 @@ export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
 # The real CIFAR-10 sample the tests read, when this checkout sits beside shared/.
 SAMPLE := $(abspath $(CURDIR)/../shared/data/cifar10-sample)
 export HIST_TEST_DATA ?= $(if $(wildcard $(SAMPLE)/cifar-10-batches-py),$(SAMPLE))
+# The real Imagewoof sample (ImageNet photographs in class folders) the image-folder tests read.
+IMAGES := $(abspath $(CURDIR)/../shared/data/imagewoof-sample)
+export HIST_TEST_IMAGES ?= $(if $(wildcard $(IMAGES)/train),$(IMAGES))
 PYTEST_ARGS ?=
 DEMO_DIR ?= runs/demo
 # The paper's architecture (ResNet-101, the 22 blocks of layer3[1:] partitioned) at width 1/16,

@@ -2,7 +2,11 @@
 all read these tuples. (Architectures live with the networks in `hist.models`, presets in
 `hist.presets`.) Nothing here imports anything, so the command lines stay quick to start."""
 
-DATASETS = ("cifar10", "cifar100", "svhn", "synthetic")
+# 32x32 sets read whole onto the device (hist.data.loader)
+ARRAY_DATASETS = ("cifar10", "cifar100", "svhn", "synthetic")
+# image-folder sets streamed from disk (hist.data.folders, hist.data.streaming)
+FOLDER_DATASETS = ("imagefolder", "imagenet", "imagenette", "imagewoof", "tiny-imagenet")
+DATASETS = ARRAY_DATASETS + FOLDER_DATASETS
 METHODS = ("ist", "local-sgd", "dp")
 AGGREGATES = ("copy", "average")
 SCHEDULES = ("step", "cosine")

@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 
 from . import choices
-from .config import Config
+from .config import Config, default_arch
 from .errors import CollectiveError, HistError
 from .presets import PRESETS
 from .world import world_info_from_env
@@ -90,7 +90,11 @@ def _apply_preset(ctx: click.Context, param, name):
     help="Folder of the official files [default: $HIST_DATA or ~/.cache/hist/data].",
 )
 @click.option("--synthetic-size", default=Config.synthetic_size, help="Training images of the synthetic dataset.")
-@click.option("--arch", default=Config.arch, help="preact_resnet18|34|101|152 (hist.models.ARCHS).")
+@click.option(
+    "--arch",
+    default=None,
+    help="hist.models.ARCHS [default: preact_resnet101 for 32x32 sets, imagenet_preact_resnet101 for image folders].",
+)
 @click.option("--width", default=Config.width, help="Channel multiplier (small for CPU runs).")
 @click.option("--method", default=Config.method, type=click.Choice(choices.METHODS))
 @click.option("--subnets", default=Config.subnets, help="IST subnetworks (0 = one per process).")
@@ -155,6 +159,9 @@ def _apply_preset(ctx: click.Context, param, name):
     type=click.Choice(choices.STOP_SIGNALS),
     help="Signal that checkpoints and stops at the next round end (match #SBATCH --signal); SIGTERM always does.",
 )
+@click.option("--crop", default=Config.crop, help="Image folders: training and evaluation crop in pixels.")
+@click.option("--eval-resize", default=Config.eval_resize, help="Image folders: shorter side before the centre crop.")
+@click.option("--workers", default=Config.workers, help="Image folders: decoding processes per rank.")
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint if there is one.")
 @click.option("--seed", default=Config.seed)
 @click.option(
@@ -180,9 +187,11 @@ def _apply_preset(ctx: click.Context, param, name):
 @click.option("--out", type=click.Path(path_type=str), help="Timing file [default: runs/<method>-<dataset>-np<N>.h5].")
 @user_errors("hist-train")
 def train(dataset, **options):
-    """Train a pre-activation ResNet on DATASET (one of hist.choices.DATASETS: cifar10, cifar100, svhn, synthetic)."""
+    """Train a pre-activation ResNet on DATASET (hist.choices.DATASETS): cifar10, cifar100, svhn,
+    synthetic, or an image folder: imagefolder, imagenet, imagenette, imagewoof, tiny-imagenet."""
     from .launch import run_training
 
+    options["arch"] = options["arch"] or default_arch(dataset)
     cfg = Config(dataset=dataset, **options)
     result = run_training(cfg)
     if result.stopped_early:

@@ -9,6 +9,7 @@ from .choices import (
     AGGREGATES,
     BLOCK_TRANSPORTS,
     DEVICES,
+    FOLDER_DATASETS,
     LR_SCALINGS,
     METHODS,
     OPTIMIZER_STATES,
@@ -19,6 +20,14 @@ from .choices import (
 )
 from .errors import HistError
 
+# The architecture a dataset gets when --arch is not given: the 32x32 stem for the small sets,
+# the ImageNet stem (7x7, stride 2, max-pool) and bottlenecks for image folders.
+DEFAULT_ARCH = {"array": "preact_resnet101", "folder": "imagenet_preact_resnet101"}
+
+
+def default_arch(dataset: str) -> str:
+    return DEFAULT_ARCH["folder" if dataset in FOLDER_DATASETS else "array"]
+
 
 def _one_of(flag: str, value, choices) -> tuple[bool, str]:
     return value in choices, f"{flag} {value!r}: choose one of {', '.join(choices)}"
@@ -26,10 +35,12 @@ def _one_of(flag: str, value, choices) -> tuple[bool, str]:
 
 @dataclass
 class Config:
-    dataset: str = "synthetic"  # cifar10 | cifar100 | svhn | synthetic
-    data_dir: str | None = None  # folder with the official files (default: $HIST_DATA or ~/.cache/hist/data)
+    dataset: str = "synthetic"  # cifar10 | cifar100 | svhn | synthetic | imagefolder | imagenet | imagenette | imagewoof | tiny-imagenet
+    data_dir: str | None = (
+        None  # official files, or the image folder with train/ and val/ (default: $HIST_DATA or ~/.cache/hist/data)
+    )
     synthetic_size: int = 4096  # training images of the synthetic dataset (test: a quarter, at least 256)
-    arch: str = "preact_resnet101"  # preact_resnet18 | 34 | 101 | 152
+    arch: str = "preact_resnet101"  # hist.models.ARCHS: preact_resnet* (32x32 stem), imagenet_preact_resnet* (7x7 stem, bottlenecks)
     width: float = 1.0  # channel multiplier (1.0 = 64/128/256/512); small values for CPU runs
     method: str = "ist"  # ist | local-sgd | dp (one process: the full model, whatever the method)
     subnets: int = 0  # IST subnetworks S; 0 = one per process; processes must be a multiple of S
@@ -57,6 +68,9 @@ class Config:
     eval_every: int = 0  # rounds between evaluations (0 = only at the end)
     eval_every_epochs: float = 0.0  # also evaluate at the first round end after every this many epochs (0 = off)
     eval_batch_size: int = 256  # evaluation batch
+    crop: int = 224  # image folders: training crop (random-resized) and evaluation crop, in pixels
+    eval_resize: int = 256  # image folders: evaluation images resized to this shorter side, then centre-cropped
+    workers: int = 4  # image folders: decoding processes per rank (0 = decode in the training process)
     checkpoint_every: int = 0  # rounds between checkpoints (0 = only on a signal)
     checkpoint: str | None = None  # checkpoint path (default: the --out file with .ckpt.pt)
     stop_signal: str = (
@@ -98,6 +112,11 @@ class Config:
                 "--warmup-epochs and --warmup-local-sgd-epochs must not be negative",
             ),
             (self.batch_size > 0, f"--batch-size {self.batch_size} must be at least 1"),
+            (
+                0 < self.crop <= self.eval_resize,
+                f"--crop {self.crop} must be positive and at most --eval-resize {self.eval_resize}",
+            ),
+            (self.workers >= 0, f"--workers {self.workers} must not be negative"),
             (self.local_iters > 0, f"--local-iters {self.local_iters} must be at least 1"),
             (self.epochs > 0, f"--epochs {self.epochs} must be positive"),
             (self.width > 0, f"--width {self.width} must be positive"),

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from . import data as datasets
-from .choices import run_label
+from .choices import FOLDER_DATASETS, run_label
 from .comm import Synchroniser, resolve_block_transport
 from .config import Config
 from .engine import Result, StopFlag, peak_lr, train
@@ -127,11 +127,17 @@ def check_options(cfg: Config, world_size: int, local_rank: int) -> Checked:
 
 
 def load_data(cfg: Config, world_size: int):
-    """Phase 2, before MPI: the splits, and a batch that fits every rank's shard."""
-    train_split, test_split = datasets.load(
-        cfg.dataset, Path(cfg.data_dir) if cfg.data_dir else None, cfg.seed, synthetic_size=cfg.synthetic_size
-    )
-    shard = len(train_split.labels) // world_size
+    """Phase 2, before MPI: the splits (whole 32x32 arrays, or an image folder's cached file
+    index), and a batch that fits every rank's shard."""
+    if cfg.dataset in FOLDER_DATASETS:
+        if not cfg.data_dir:
+            raise HistError(f"{cfg.dataset} needs --data-dir DIR, the folder that holds train/ and val/")
+        train_split, test_split = (datasets.index_folder(cfg.dataset, cfg.data_dir, s) for s in ("train", "val"))
+    else:
+        train_split, test_split = datasets.load(
+            cfg.dataset, Path(cfg.data_dir) if cfg.data_dir else None, cfg.seed, synthetic_size=cfg.synthetic_size
+        )
+    shard = len(train_split) // world_size
     if cfg.batch_size > shard:
         raise HistError(
             f"--batch-size {cfg.batch_size} is larger than the {shard} training images each of the "
@@ -195,6 +201,22 @@ def open_recorder(cfg, sync, checked, device, train_data, test_data, resume_stat
     return recorder
 
 
+def build_loaders(cfg: Config, train_split, test_split, device: torch.device, rank: int, world: int):
+    """(train, test) loaders: 32x32 sets whole on the device, image folders streamed from disk."""
+    if cfg.dataset in FOLDER_DATASETS:
+        sizes = dict(crop=cfg.crop, resize=cfg.eval_resize, workers=cfg.workers)
+        return (
+            datasets.StreamingLoader(train_split, cfg.dataset, cfg.batch_size, device, cfg.seed, rank, world, **sizes),
+            datasets.StreamingLoader(
+                test_split, cfg.dataset, cfg.eval_batch_size, device, cfg.seed, augment=False, **sizes
+            ),
+        )
+    return (
+        datasets.DeviceLoader(train_split, cfg.dataset, cfg.batch_size, device, cfg.seed, rank, world, augment=True),
+        datasets.DeviceLoader(test_split, cfg.dataset, cfg.eval_batch_size, device, cfg.seed, augment=False),
+    )
+
+
 def run_training(cfg: Config) -> Result:
     world = world_info_from_env()
     checked = check_options(cfg, world.size, world.local_rank)
@@ -223,13 +245,10 @@ def run_training(cfg: Config) -> Result:
 
     torch.manual_seed(cfg.seed)
     device = checked.device
-    model = build_model(cfg.arch, datasets.NUM_CLASSES[cfg.dataset], cfg.width).to(device)
+    model = build_model(cfg.arch, datasets.num_classes(cfg.dataset, train_split), cfg.width).to(device)
     layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model.to(memory_format=layout)
-    train_data = datasets.DeviceLoader(
-        train_split, cfg.dataset, cfg.batch_size, device, cfg.seed, sync.rank, sync.size, augment=True
-    )
-    test_data = datasets.DeviceLoader(test_split, cfg.dataset, cfg.eval_batch_size, device, cfg.seed, augment=False)
+    train_data, test_data = build_loaders(cfg, train_split, test_split, device, sync.rank, sync.size)
     train_data.memory_format = test_data.memory_format = layout
     peak = peak_lr(cfg, sync.size)
     method = build_method(cfg, model, sync, train_data.steps_per_epoch, peak)
@@ -245,16 +264,21 @@ def run_training(cfg: Config) -> Result:
     )
     if resume_state is not None:
         log(f"resuming from {checked.checkpoint}")
-    result = train(
-        cfg, model, method, sync, train_data, test_data, peak, recorder, save, log, stop, resume_state, identity
-    )
+    try:
+        result = train(
+            cfg, model, method, sync, train_data, test_data, peak, recorder, save, log, stop, resume_state, identity
+        )
+    finally:
+        for loader in (train_data, test_data):
+            getattr(loader, "close", lambda: None)()  # the streaming loader's decoding processes
     if recorder is not None:
         recorder.finish("interrupted" if result.stopped_early else "completed", result.wall_s)
     if lock is not None:
         lock.release()
     if not result.stopped_early:
         log(
-            f"final test accuracy {result.final_accuracy:.2f}% test loss {result.final_loss:.4f} "
+            f"final test accuracy {result.final_accuracy:.2f}% (top-5 {result.final_top5:.2f}%) "
+            f"test loss {result.final_loss:.4f} "
             f"wall {result.wall_s:.1f}s"
         )
     return result

@@ -1,5 +1,8 @@
 """Fixtures and markers shared by the tests (helpers live in helpers.py)."""
 
+import os
+from pathlib import Path
+
 import pytest
 
 from helpers import sample_dir
@@ -11,6 +14,15 @@ def cifar_sample():
     if path is None:
         pytest.skip("HIST_TEST_DATA does not point at the CIFAR-10 sample (make test sets it)")
     return path
+
+
+@pytest.fixture
+def image_sample():
+    """The real Imagewoof sample (800 ImageNet JPEGs in class folders) named by HIST_TEST_IMAGES."""
+    path = os.environ.get("HIST_TEST_IMAGES")
+    if not path or not (Path(path) / "train").is_dir():
+        pytest.skip("HIST_TEST_IMAGES does not point at the Imagewoof sample (make test sets it)")
+    return Path(path)
 
 
 def pytest_collection_modifyitems(items):

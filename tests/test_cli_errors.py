@@ -20,7 +20,9 @@ def one_line_error(proc, *needles):
 @pytest.mark.parametrize(
     "args,needles",
     [
-        (["imagenet"], ["unknown dataset", "cifar10"]),
+        (["mnist"], ["unknown dataset", "cifar10", "imagefolder"]),
+        (["imagenet"], ["imagenet needs --data-dir"]),
+        (["imagewoof", "--data-dir", "/nonexistent"], ["/nonexistent does not exist", "train/"]),
         (["synthetic", "--lr", "-0.1"], ["--lr"]),
         (["synthetic", "--batch-size", "0"], ["--batch-size"]),
         (["synthetic", "--local-iters", "0"], ["--local-iters"]),

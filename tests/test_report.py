@@ -37,7 +37,7 @@ def write_run(path, method, world, seconds_per_round, rounds=4, accs=(50.0, 80.0
         }
         w.add_round(r, 10, (r + 1) * 0.5, (r + 1) * seconds_per_round, per_rank)
         if r % 2 == 1:
-            w.add_eval(r, (r + 1) * 0.5, (r + 1) * seconds_per_round, 1.0, accs[r // 2])
+            w.add_eval(r, (r + 1) * 0.5, (r + 1) * seconds_per_round, 1.0, accs[r // 2], accs[r // 2] + 20)
     w.finish("completed", rounds * seconds_per_round)
     return path
 
@@ -62,7 +62,7 @@ def test_table_values_are_exact(runs_dir):
     assert ist["speedup_to_target"] == pytest.approx(4.0) and dp["speedup_to_target"] == pytest.approx(2.0)
     assert ist["bytes_per_round"] == 600 and dp["bytes_per_round"] == 2000
     assert ist["compute_s_per_round"] == pytest.approx(0.5) and ist["sync_s_per_round"] == pytest.approx(0.25)
-    assert dp["final_accuracy"] == 70.0
+    assert dp["final_accuracy"] == 70.0 and dp["final_top5"] == 90.0
     assert all(r["baseline"] == "1 process" for r in rows)
 
 
@@ -183,3 +183,11 @@ def test_round_statistics_are_the_timing_files_columns():
     from hist.io.timings import RANK_COLUMNS
 
     assert list(RoundStats.__dataclass_fields__) == list(RANK_COLUMNS)
+
+
+def test_a_file_from_before_top5_reads_without_it(tmp_path):
+    path = write_run(tmp_path / "old.h5", "single", 1, 4.0)
+    with h5py.File(path, "a") as f:
+        del f["evals/test_top5"]
+    rows, _ = summarise(load_runs([path]))
+    assert rows[0]["final_accuracy"] == 80.0 and rows[0]["final_top5"] is None

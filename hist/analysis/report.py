@@ -33,6 +33,7 @@ COLUMNS = (
     "speedup_to_target",
     "final_accuracy",
     "final_accuracy_std",
+    "final_top5",
     "target_accuracy",
     "compute_s_per_round",
     "data_s_per_round",
@@ -136,6 +137,8 @@ def _run_figures(run: Run, target: float | None) -> dict:
         "wall_s": wall,
         "time_to_target_s": reached[0] if reached else None,
         "final_accuracy": float(e["test_accuracy"][-1]) if len(e["test_accuracy"]) else None,
+        # files written before top-5 was recorded read it as NaN
+        "final_top5": float(e["test_top5"][-1]) if len(e["test_top5"]) and np.isfinite(e["test_top5"][-1]) else None,
         "compute_s_per_round": float(r["compute_s"].mean()) if len(r["compute_s"]) else 0.0,
         "data_s_per_round": float(r["data_s"].mean()) if len(r["data_s"]) else 0.0,
         "sync_s_per_round": float(r["sync_s"].mean()) if len(r["sync_s"]) else 0.0,
@@ -233,6 +236,8 @@ def format_paper_table(rows: list[dict], notes: list[str], oversubscribed_above:
         acc = "-" if r["final_accuracy"] is None else f"{r['final_accuracy']:.2f}%"
         if r["final_accuracy_std"] is not None:
             acc += f" ± {r['final_accuracy_std']:.2f} (n={r['runs']})"
+        if r["final_top5"] is not None:
+            acc += f" (top-5 {r['final_top5']:.2f}%)"
         parts = [acc, f"{r['wall_s']:.0f} s", f"{r['bytes_per_round'] / 1e6:.2f} MB/round"]
         if r["world_size"] > 1:
             vs_local = "" if r["speedup_vs_local_sgd"] is None else f", {r['speedup_vs_local_sgd']:.2f}x local SGD"
@@ -263,6 +268,7 @@ def format_table(rows: list[dict], notes: list[str]) -> str:
         "to-target s",
         "speedup@tgt",
         "acc %",
+        "top-5 %",
         "compute s",
         "data s",
         "sync s",
@@ -283,6 +289,7 @@ def format_table(rows: list[dict], notes: list[str]) -> str:
                 fmt(r["time_to_target_s"], 1),
                 fmt(r["speedup_to_target"]),
                 fmt(r["final_accuracy"]),
+                fmt(r["final_top5"]),
                 fmt(r["compute_s_per_round"], 3),
                 fmt(r["data_s_per_round"], 3),
                 fmt(r["sync_s_per_round"], 3),

@@ -13,15 +13,28 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import HistError
+from .folders import FOLDER_NUM_CLASSES, FOLDER_STATS, FolderSplit
 
-NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "svhn": 10, "synthetic": 10}
+# The image-folder sets (hist.data.folders) are folded in; `imagefolder` has as many classes as
+# its train/ has folders, so only `num_classes` knows it.
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "svhn": 10, "synthetic": 10, **FOLDER_NUM_CLASSES}
 # Per-channel mean and std of the training sets (0-1 scale), for normalisation.
 STATS = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
     "svhn": ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
     "synthetic": ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25)),
+    **FOLDER_STATS,
 }
+
+
+def num_classes(dataset: str, split: FolderSplit | None = None) -> int:
+    """Outputs the model needs: known in advance, or (a generic image folder) counted in its index."""
+    if split is not None and dataset not in NUM_CLASSES:
+        return split.num_classes
+    if dataset not in NUM_CLASSES:
+        raise HistError(f"the number of classes of {dataset!r} is known only once its folders are indexed")
+    return NUM_CLASSES[dataset]
 
 
 @dataclass(frozen=True)
@@ -88,6 +101,9 @@ class Split:
 
     images: np.ndarray
     labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
 
 
 # ---------------------------------------------------------------- official readers

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..choices import DATASETS
+from ..choices import ARRAY_DATASETS
 from ..errors import HistError
 from .sources import READERS, SOURCES, Split, default_data_dir, synthetic
 
@@ -135,8 +135,8 @@ def load(
     dataset: str, data_dir: Path | None = None, seed: int = 0, download_ok: bool = True, synthetic_size: int = 4096
 ) -> tuple[Split, Split]:
     """(train, test) for one dataset: the single entry point `hist-train` uses."""
-    if dataset not in DATASETS:
-        raise HistError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    if dataset not in ARRAY_DATASETS:
+        raise HistError(f"unknown dataset {dataset!r}; choose one of {', '.join(ARRAY_DATASETS)}")
     if dataset == "synthetic":
         return synthetic(seed, synthetic_size, max(256, synthetic_size // 4))
     data_dir = Path(data_dir) if data_dir else default_data_dir()

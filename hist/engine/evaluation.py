@@ -29,18 +29,20 @@ def recalibrate_batchnorm(model: torch.nn.Module, batches) -> None:
 @torch.no_grad()
 def evaluate(
     model, test: DeviceLoader, calibration, sync: Synchroniser, scale: float, batch_size: int
-) -> tuple[float, float]:
-    """(mean loss, accuracy %) of the full model on the whole test split, shared among ranks."""
+) -> tuple[float, float, float]:
+    """(mean loss, top-1 %, top-5 %) of the full model on the whole test split, shared among ranks."""
     model.set_full(scale)
     recalibrate_batchnorm(model, calibration)
     model.eval()
-    loss_sum = correct = 0.0
-    count = 0
+    sums = torch.zeros(4, dtype=torch.float64)  # loss, top-1 hits, top-5 hits, images
     for x, y in test.eval_batches(batch_size, sync.rank, sync.size):
-        out = model(x)
-        loss_sum += F.cross_entropy(out, y, reduction="sum").item()
-        correct += (out.argmax(1) == y).sum().item()
-        count += len(y)
-    total = sync.sum_over_world([loss_sum, correct, count])
+        out = model(x).float()
+        top = out.topk(min(5, out.shape[1]), dim=1).indices
+        hits = top == y[:, None]
+        batch = torch.stack(
+            [F.cross_entropy(out, y, reduction="sum"), hits[:, 0].sum(), hits.any(1).sum(), torch.tensor(len(y))]
+        )
+        sums += batch.double().cpu()
+    total = sync.sum_over_world(sums.tolist())
     model.train()
-    return total[0] / total[2], 100.0 * total[1] / total[2]
+    return total[0] / total[3], 100.0 * total[1] / total[3], 100.0 * total[2] / total[3]

@@ -47,6 +47,7 @@ class Result:
     final_accuracy: float | None
     wall_s: float
     stopped_early: bool = False
+    final_top5: float | None = None
 
 
 class GuardedWriter:
@@ -106,16 +107,18 @@ def train(
         log(f"resuming from the checkpoint at round {start_round}")
     else:
         sync.broadcast_model(model)
-    calibration = list(train_data.calibration_batches(cfg.bn_batches))
     t0 = time.perf_counter() - wall_before
 
     def evaluate_model():
         with precision.autocast():
+            # BatchNorm calibration batches are made afresh each time (at 224 pixels, keeping
+            # them would hold bn_batches full batches on the device for the whole run).
+            calibration = train_data.calibration_batches(cfg.bn_batches)
             return evaluate(model, test_data, calibration, sync, method.eval_scale(), cfg.eval_batch_size)
 
     result = Result(n_rounds, None, None, 0.0)
     if start_round >= n_rounds:  # resuming a run that had finished: report its model again
-        result.final_loss, result.final_accuracy = evaluate_model()
+        result.final_loss, result.final_accuracy, result.final_top5 = evaluate_model()
         log(f"the checkpoint is already at the last round ({n_rounds}); nothing left to train")
     loss_fn = torch.nn.CrossEntropyLoss()
     writer = GuardedWriter(recorder)
@@ -185,12 +188,12 @@ def train(
             per_rank = {k: [getattr(s, k) for s in gathered] for k in RoundStats.__dataclass_fields__}
             writer.add_round(r, last - first, epoch, wall, per_rank)
         if evaluate_now:
-            loss, acc = evaluate_model()
-            result.final_loss, result.final_accuracy = loss, acc
-            writer.add_eval(r, epoch, time.perf_counter() - t0, loss, acc)
+            loss, acc, top5 = evaluate_model()
+            result.final_loss, result.final_accuracy, result.final_top5 = loss, acc, top5
+            writer.add_eval(r, epoch, time.perf_counter() - t0, loss, acc, top5)
             log(
                 f"round {r + 1}/{n_rounds} epoch {epoch:.2f} train loss {stats.loss:.4f} "
-                f"test loss {loss:.4f} test accuracy {acc:.2f}%"
+                f"test loss {loss:.4f} test accuracy {acc:.2f}% (top-5 {top5:.2f}%)"
             )
         elif sys.stderr.isatty() and sync.rank == 0:
             sys.stderr.write(f"\rround {r + 1}/{n_rounds} epoch {epoch:.2f} loss {stats.loss:.4f}")

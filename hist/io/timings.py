@@ -45,7 +45,10 @@ EVAL_COLUMNS = {
     "wall_s": ("f8", "s", "wall time since the start of training"),
     "test_loss": ("f8", "1", "mean cross-entropy on the whole test split"),
     "test_accuracy": ("f8", "%", "top-1 accuracy on the whole test split"),
+    "test_top5": ("f8", "%", "top-5 accuracy on the whole test split (100 with 5 classes or fewer)"),
 }
+# Columns added after schema version 1's first files: read as NaN where a file lacks them.
+LATER_EVAL_COLUMNS = ("test_top5",)
 
 
 def _create(group: h5py.Group, name: str, dtype: str, width: int | None, unit: str, doc: str):
@@ -129,7 +132,9 @@ class TimingWriter:
             for name, value in (("round", round_index), ("steps", steps), ("epoch", epoch), ("wall_s", wall_s)):
                 _append(r[name], value)
 
-    def add_eval(self, round_index: int, epoch: float, wall_s: float, loss: float, accuracy: float) -> None:
+    def add_eval(
+        self, round_index: int, epoch: float, wall_s: float, loss: float, accuracy: float, top5: float
+    ) -> None:
         with self._open("a") as f:
             e = f["evals"]
             for name, value in (
@@ -138,6 +143,7 @@ class TimingWriter:
                 ("wall_s", wall_s),
                 ("test_loss", loss),
                 ("test_accuracy", accuracy),
+                ("test_top5", top5),
             ):
                 _append(e[name], value)
 
@@ -195,7 +201,11 @@ def read_checked(path: Path) -> Run:
             _check_schema(f, path)
             attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
             rounds = {k: f["rounds"][k][:] for k in (*RANK_COLUMNS, *ROUND_COLUMNS)}
-            evals = {k: f["evals"][k][:] for k in EVAL_COLUMNS}
+            evals = {
+                k: f["evals"][k][:] if k in f["evals"] or k not in LATER_EVAL_COLUMNS else None for k in EVAL_COLUMNS
+            }
+            n_evals = len(evals["round"])
+            evals = {k: np.full(n_evals, np.nan) if v is None else v for k, v in evals.items()}
         for name, kind in REQUIRED_ATTRS.items():
             attrs[name] = kind(attrs[name])
         attrs["width"] = float(attrs.get("width", 1.0))

@@ -1,0 +1,59 @@
+"""hist-train on image folders end to end: the real Imagewoof sample (ImageNet photographs),
+streamed by decoding worker processes into an ImageNet-style pre-activation ResNet."""
+
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import BIN, horovodrun, options, run, spawn
+from test_train import _wait_for, rounds
+
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
+
+# ResNet-34 has 5 partitioned blocks (layer3[1:]), enough for 2 subnetworks; 64-pixel crops keep it quick.
+SMALL = options(
+    arch="imagenet_preact_resnet34",
+    width=0.0625,
+    crop=64,
+    eval_resize=73,
+    batch_size=16,
+    local_iters=5,
+    workers=1,
+    threads=1,
+    bn_batches=2,
+)
+
+
+@pytest.mark.parametrize("method,np_", [("single", 1), ("ist", 2), ("local-sgd", 2), ("dp", 2)])
+def test_every_method_trains_on_the_real_image_folder(image_sample, tmp_path, method, np_):
+    out = tmp_path / "run.h5"
+    args = [BIN / "hist-train", "imagewoof", "--data-dir", image_sample, "--epochs", "2", *SMALL, "--out", out]
+    if np_ == 1:
+        run(args)
+    else:
+        horovodrun(np_, *args, "--method", method)
+    r, e, attrs = rounds(out)
+    assert attrs["method"] == method and attrs["train_images"] == 600 and attrs["test_images"] == 200
+    assert attrs["steps_per_epoch"] == 600 // np_ // 16
+    assert np.isfinite(r["loss"]).all() and (r["data_s"] > 0).all()
+    assert 0 <= e["test_accuracy"][-1] <= e["test_top5"][-1] <= 100  # top-5 holds top-1
+
+
+def test_streamed_run_resumes_exactly(image_sample, tmp_path):
+    common = ["imagewoof", "--data-dir", image_sample, "--epochs", "5", *SMALL, "--checkpoint-every", "2"]
+    ref = tmp_path / "ref.h5"
+    horovodrun(2, BIN / "hist-train", *common, "--out", ref)
+    out = tmp_path / "cut.h5"
+    proc = spawn(2, BIN / "hist-train", *common, "--out", out, merge_output=True)
+    _wait_for(out.with_suffix(".ckpt.pt"), proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(60)
+    assert len(rounds(out)[0]["round"]) < len(rounds(ref)[0]["round"])
+    horovodrun(2, BIN / "hist-train", *common, "--out", out, "--resume")
+    a = torch.load(ref.with_suffix(".ckpt.pt"), map_location="cpu", weights_only=True)["model"]
+    b = torch.load(out.with_suffix(".ckpt.pt"), map_location="cpu", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a if not k.endswith("num_batches_tracked"))
+    assert np.array_equal(rounds(ref)[0]["loss"], rounds(out)[0]["loss"])  # the same batches after the cut
