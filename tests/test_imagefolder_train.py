@@ -7,9 +7,9 @@ import signal
 import numpy as np
 import pytest
 import torch
+from test_train import _wait_for, rounds
 
 from helpers import BIN, horovodrun, options, run, spawn
-from test_train import _wait_for, rounds
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
