@@ -292,6 +292,37 @@ def bench(ctx, as_json, quick, width, run_width, batch_size, device, data_dir, s
     click.echo(json.dumps(results, indent=2) if as_json else b.format_table(results))
 
 
+@bench.command("streaming", context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
+@click.argument("dataset", type=click.Choice(choices.FOLDER_DATASETS))
+@click.option("--data-dir", required=True, type=click.Path(path_type=str), help="Folder with train/ and val/.")
+@click.option("--arch", default="imagenet_preact_resnet101")
+@click.option("--width", default=0.0625)
+@click.option("--crop", default=128)
+@click.option("--eval-resize", default=146)
+@click.option("--batch-size", default=64)
+@click.option("--workers", default=2, help="Decoding processes.")
+@click.option("--batches", default=30, help="Batches timed after 3 of warm-up.")
+@click.option("--device", default="auto", type=click.Choice(choices.DEVICES))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@user_errors("hist-bench")
+def streaming_bench(dataset, data_dir, arch, width, crop, eval_resize, batch_size, workers, batches, device, as_json):
+    """The streaming loader's images/s against the model's training images/s on DATASET."""
+    from .analysis import bench as b
+    from .launch import resolve_device
+
+    r = b.streaming_throughput(
+        dataset, data_dir, arch, width, crop, eval_resize, batch_size, workers, resolve_device(device, 0), batches
+    )
+    if as_json:
+        click.echo(json.dumps(r, indent=2))
+    else:
+        click.echo(
+            f"{dataset} ({r['train_images']} training images), crop {crop}, batch {batch_size}, "
+            f"{workers} decoding process(es): loader {r['loader_images_per_s']:.0f} images/s, "
+            f"{arch} width {width} trains {r['model_images_per_s']:.0f} images/s: ratio {r['ratio']:.2f}x"
+        )
+
+
 def _int_list(least: int):
     def parse(ctx, param, value: str) -> list[int]:
         try:

@@ -155,6 +155,51 @@ def pipeline_ratio(width: float, batch: int, device, steps: int, warmup: int) ->
     return {"data_images_per_s": data_ips, "model_images_per_s": model_ips, "ratio": data_ips / model_ips}
 
 
+def streaming_throughput(
+    dataset: str,
+    data_dir: str,
+    arch: str,
+    width: float,
+    crop: int,
+    resize: int,
+    batch: int,
+    workers: int,
+    device,
+    batches: int = 30,
+    warmup: int = 3,
+) -> dict:
+    """Images/s of the streaming loader (training transform, decoding workers, normalised on
+    the device) against the training images/s of the model it feeds, at the same crop."""
+    train = datasets.index_folder(dataset, data_dir, "train")
+    loader = datasets.StreamingLoader(train, dataset, batch, device, 0, crop=crop, resize=resize, workers=workers)
+    try:
+        for i in range(warmup):
+            loader.batch(i)
+        t = time.perf_counter()
+        for i in range(warmup, warmup + batches):
+            x, y = loader.batch(i)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        loader_ips = batches * batch / (time.perf_counter() - t)
+    finally:
+        loader.close()
+    torch.manual_seed(0)
+    model = build_model(arch, datasets.num_classes(dataset, train), width).to(device)
+    step_s = _time_steps(model, x, y, max(3, batches // 5), warmup)
+    return {
+        "dataset": dataset,
+        "train_images": len(train),
+        "arch": arch,
+        "width": width,
+        "crop": crop,
+        "batch_size": batch,
+        "workers": workers,
+        "loader_images_per_s": loader_ips,
+        "model_images_per_s": batch / step_s,
+        "ratio": loader_ips * step_s / batch,
+    }
+
+
 def _bin(name: str) -> str:
     return str(Path(sys.executable).parent / name)
 
