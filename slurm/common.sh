@@ -9,6 +9,11 @@
 #
 # Variables: DATASET (cifar10), METHOD (ist | local-sgd | dp), HIST_DATA (data folder),
 # HIST_OUT_DIR (runs), HIST_STOP_SIGNAL (USR2), HIST_DRY_RUN=1 prints the command instead of running it.
+# Image folders (imagenet, imagewoof, ...): each task gets --cpus-per-task CPUs; one drives the
+# training, the others decode (--workers, HIST_WORKERS to choose). Reading millions of small files
+# from a parallel file system is slow: HIST_STAGE=/shared/imagenet.tar (a tar holding train/ and
+# val/ at its top) is unpacked once per node onto node-local disk (HIST_STAGE_DIR, default
+# $TMPDIR or /tmp) before training, and the run reads it from there.
 # Arguments after the template name go to hist-train: sbatch slurm/ist_2gpu.sbatch --epochs 2
 
 hist_slurm_run() {
@@ -16,18 +21,32 @@ hist_slurm_run() {
   local ntasks=${SLURM_NTASKS:?run this inside a Slurm allocation (sbatch)}
   local job=${SLURM_JOB_ID:?no SLURM_JOB_ID}
   export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}
+  local workers=${HIST_WORKERS:-$((OMP_NUM_THREADS > 1 ? OMP_NUM_THREADS - 1 : 0))}
+  local data=${HIST_DATA:-}
+  local stage=()
+  if [ -n "${HIST_STAGE:-}" ]; then
+    data="${HIST_STAGE_DIR:-${TMPDIR:-/tmp}}/hist-data-$job"
+    # One task per node unpacks the archive; a requeued job (same id) finds it already there.
+    stage=(srun --ntasks-per-node=1 --ntasks="${SLURM_JOB_NUM_NODES:-1}" --kill-on-bad-exit=1 bash -c
+           "mkdir -p '$data' && { [ -f '$data/.staged' ] || { tar -xf '$HIST_STAGE' -C '$data' && touch '$data/.staged'; }; }")
+  fi
   local tag=$method
   [ "$ntasks" = 1 ] && tag=single
   # The job id names the file, so a requeued job (same id) continues the same file.
   local out="$out_dir/${tag}-${dataset}-np${ntasks}-${job}.h5"
   local cmd=(srun --mpi=pmix --kill-on-bad-exit=1 hist-train "$dataset" --method "$method"
-             --threads "$OMP_NUM_THREADS" --stop-signal "${HIST_STOP_SIGNAL:-USR2}" --out "$out" --resume)
-  [ -n "${HIST_DATA:-}" ] && cmd+=(--data-dir "$HIST_DATA")
+             --threads "$OMP_NUM_THREADS" --workers "$workers" --stop-signal "${HIST_STOP_SIGNAL:-USR2}"
+             --out "$out" --resume)
+  [ -n "$data" ] && cmd+=(--data-dir "$data")
   cmd+=("$@")
   echo "hist: start $(date -u +%FT%TZ) job $job nodes ${SLURM_JOB_NUM_NODES:-1} (${SLURM_JOB_NODELIST:-?}) tasks $ntasks"
+  [ ${#stage[@]} -gt 0 ] && echo "hist: stage: ${stage[*]}"
   echo "hist: ${cmd[*]}"
   if [ -n "${HIST_DRY_RUN:-}" ]; then return 0; fi
   mkdir -p "$out_dir"
+  if [ ${#stage[@]} -gt 0 ]; then
+    "${stage[@]}" || { echo "hist: could not unpack HIST_STAGE=$HIST_STAGE into $data on every node"; return 2; }
+  fi
   local rc=0
   "${cmd[@]}" || rc=$?
   echo "hist: end $(date -u +%FT%TZ) exit $rc"

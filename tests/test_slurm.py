@@ -26,10 +26,13 @@ CASES = {  # golden file -> (template, nodes, tasks)
     "ist_8gpu": ("ist_8gpu.sbatch", 1, 8),
     "ist_8gpu_2x4": ("ist_8gpu.sbatch", 2, 8),
     "dp_4gpu": ("ist_4gpu.sbatch", 1, 4),
+    "imagenet_2x4_staged": ("ist_8gpu.sbatch", 2, 8),
 }
+# Image folders on a parallel file system: unpacked to node-local disk first.
+EXTRA_ENV = {"imagenet_2x4_staged": {"DATASET": "imagenet", "HIST_STAGE": "/shared/imagenet.tar", "TMPDIR": "/local"}}
 
 
-def dry_run(template, nodes, tasks, method):
+def dry_run(template, nodes, tasks, method, **extra):
     env = dict(
         os.environ,
         HIST_DRY_RUN="1",
@@ -44,6 +47,7 @@ def dry_run(template, nodes, tasks, method):
         METHOD=method,
         HIST_DATA="/data",
     )
+    env.update(extra)
     proc = subprocess.run(
         ["bash", ROOT / "slurm" / template, "--epochs", "2"],
         env=env,
@@ -58,7 +62,7 @@ def dry_run(template, nodes, tasks, method):
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_templates_run_the_golden_command_lines(name):
     template, nodes, tasks = CASES[name]
-    text = dry_run(template, nodes, tasks, "dp" if name.startswith("dp") else "ist")
+    text = dry_run(template, nodes, tasks, "dp" if name.startswith("dp") else "ist", **EXTRA_ENV.get(name, {}))
     golden = GOLDEN / f"{name}.txt"
     if os.environ.get("HIST_UPDATE_GOLDEN"):
         golden.write_text(text)
@@ -182,3 +186,27 @@ def test_the_sweep_submits_runs_and_a_report(slurm, tmp_path, cifar_sample):
         assert method in table
     for fig in ("speedup", "accuracy_vs_time", "round_breakdown", "bytes_per_round"):
         assert (sweep_dir / "report" / f"{fig}.png").stat().st_size > 5000
+
+
+def test_an_image_folder_job_stages_its_data_to_node_local_disk(slurm, tmp_path, image_sample):
+    archive = tmp_path / "imagewoof.tar"
+    subprocess.run(["tar", "-cf", archive, "-C", image_sample, "train", "val"], check=True)
+    local = tmp_path / "node-local"
+    job = slurm.sbatch(
+        "--cpus-per-task=2",
+        f"--output={tmp_path}/%x-%j.out",
+        "slurm/ist_2gpu.sbatch",
+        "--epochs",
+        "1",
+        *options(arch="imagenet_preact_resnet34", width=0.0625, crop=64, eval_resize=73, batch_size=16, bn_batches=2),
+        cwd=ROOT,
+        env=job_env(tmp_path, DATASET="imagewoof", HIST_STAGE=str(archive), HIST_STAGE_DIR=str(local)),
+    )
+    info = slurm.wait(job, 600)
+    log = (tmp_path / f"hist-2gpu-{job}.out").read_text()
+    assert info["JobState"] == "COMPLETED", log
+    staged = local / f"hist-data-{job}"
+    assert (staged / ".staged").is_file() and len(list((staged / "val").rglob("*.JPEG"))) == 200
+    assert "--workers 1" in log  # two CPUs a task: one trains, one decodes
+    with h5py.File(tmp_path / f"ist-imagewoof-np2-{job}.h5") as f:
+        assert f.attrs["status"] == "completed" and f.attrs["train_images"] == 600
