@@ -219,9 +219,9 @@ def _env() -> dict:
     return dict(os.environ, OMP_NUM_THREADS="1", PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
 
 
-def end_to_end(width: float, batch: int, local_iters: int, synthetic_size: int, tmp: Path) -> dict:
-    """Wall time per epoch: one full-model process against 2-process ist, local-sgd and dp."""
-    common = [
+def _synthetic_epoch(width: float, batch: int, local_iters: int, synthetic_size: int) -> list[str]:
+    """hist-train options for one epoch of ResNet-101 on the synthetic set, one thread a process."""
+    return [
         "synthetic",
         "--arch",
         "preact_resnet101",
@@ -240,6 +240,11 @@ def end_to_end(width: float, batch: int, local_iters: int, synthetic_size: int, 
         "--bn-batches",
         "1",
     ]
+
+
+def end_to_end(width: float, batch: int, local_iters: int, synthetic_size: int, tmp: Path) -> dict:
+    """Wall time per epoch: one full-model process against 2-process ist, local-sgd and dp."""
+    common = _synthetic_epoch(width, batch, local_iters, synthetic_size)
     env = _env()
     _train(common, 1, tmp / "single.h5", env)
     single = read_run(tmp / "single.h5")
@@ -266,25 +271,7 @@ def end_to_end(width: float, batch: int, local_iters: int, synthetic_size: int, 
 def sync_overlap(width: float, batch: int, local_iters: int, synthetic_size: int, tmp: Path) -> dict:
     """A round's sync time of 2-process IST with the block transfers overlapping the shared
     allreduce and without (real hist-train runs; steady rounds, the last one left out)."""
-    common = [
-        "synthetic",
-        "--arch",
-        "preact_resnet101",
-        "--width",
-        str(width),
-        "--batch-size",
-        str(batch),
-        "--local-iters",
-        str(local_iters),
-        "--synthetic-size",
-        str(synthetic_size),
-        "--threads",
-        "1",
-        "--epochs",
-        "1",
-        "--bn-batches",
-        "1",
-    ]
+    common = _synthetic_epoch(width, batch, local_iters, synthetic_size)
     out = {}
     for flag in ("--no-overlap", "--overlap"):
         path = tmp / f"sync{flag}.h5"

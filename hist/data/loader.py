@@ -10,6 +10,19 @@ import torch
 from .sources import STATS, Split
 
 
+def epoch_shard(n: int, seed: int, epoch: int, rank: int, world: int) -> torch.Tensor:
+    """Rank `rank`'s images of `epoch` (CPU indices): a permutation seeded alike on every rank,
+    cut into `world` disjoint shards of floor(n / world); the remainder sits out the epoch."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    size = n // world
+    return torch.randperm(n, generator=g)[rank * size : (rank + 1) * size]
+
+
+def calibration_order(n: int, seed: int) -> torch.Tensor:
+    """The fixed order BatchNorm calibration batches are taken in, the same on every rank."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 - 1))
+
+
 class DeviceLoader:
     """A whole split on the device; per-rank shards of a seeded per-epoch permutation.
 
@@ -49,10 +62,7 @@ class DeviceLoader:
 
     def shard(self, epoch: int) -> torch.Tensor:
         if epoch != self._epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            perm = torch.randperm(len(self.labels), generator=g)
-            start = self.rank * self.shard_size
-            self._shard = perm[start : start + self.shard_size].to(self.device)
+            self._shard = epoch_shard(len(self.labels), self.seed, epoch, self.rank, self.world).to(self.device)
             self._epoch = epoch
         return self._shard
 
@@ -71,8 +81,7 @@ class DeviceLoader:
 
     def calibration_batches(self, n_batches: int):
         """The same unaugmented batches on every rank (a fixed permutation of the whole split)."""
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 - 1)
-        order = torch.randperm(len(self.labels), generator=g).to(self.device)
+        order = calibration_order(len(self.labels), self.seed).to(self.device)
         for i in range(min(n_batches, len(order) // self.batch_size)):
             idx = order[i * self.batch_size : (i + 1) * self.batch_size]
             yield self.normalise(self.images[idx]), self.labels[idx]

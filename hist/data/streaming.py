@@ -21,6 +21,7 @@ import torch
 from ..errors import HistError
 from .decode import DecodeError, decode_chunk, serve
 from .folders import FolderSplit
+from .loader import calibration_order, epoch_shard
 from .sources import STATS
 
 
@@ -75,10 +76,7 @@ class StreamingLoader:
     def shard(self, epoch: int) -> torch.Tensor:
         """This rank's image indices (on the CPU) for `epoch`, as DeviceLoader cuts them."""
         if epoch != self._epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            perm = torch.randperm(len(self.split), generator=g)
-            start = self.rank * self.shard_size
-            self._shard = perm[start : start + self.shard_size]
+            self._shard = epoch_shard(len(self.split), self.seed, epoch, self.rank, self.world)
             self._epoch = epoch
         return self._shard
 
@@ -109,8 +107,7 @@ class StreamingLoader:
 
     def calibration_batches(self, n_batches: int):
         """The same unaugmented batches on every rank (a fixed permutation of the whole split)."""
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 - 1)
-        order = torch.randperm(len(self.split), generator=g).numpy()
+        order = calibration_order(len(self.split), self.seed).numpy()
         count = min(n_batches, len(order) // self.batch_size)
         yield from self._stream(order[i * self.batch_size : (i + 1) * self.batch_size] for i in range(count))
 
