@@ -61,12 +61,19 @@ class Workload:
 
 
 def workload_for(
-    arch: str, num_classes: int, width: float, step_s: float, images: int, batch: int, local_iters: int
+    arch: str,
+    num_classes: int,
+    width: float,
+    step_s: float,
+    images: int,
+    batch: int,
+    local_iters: int,
+    image_size: int = 32,
 ) -> Workload:
     model = build_model(arch, num_classes, width)
     shared, blocks = shared_and_partitioned(model)
     n = len(blocks)
-    share = conv_flops(model, []) / conv_flops(model, range(n))
+    share = conv_flops(model, [], image_size) / conv_flops(model, range(n), image_size)
     size = lambda ps: float(sum(p.numel() * 4 for p in ps))
     return Workload(step_s, images, batch, local_iters, size(shared), tuple(size(b) for b in blocks), share)
 
@@ -117,6 +124,7 @@ def project(w: Workload, net: Network, gpus=tuple(2**i for i in range(11))) -> d
 
 def workload_from_run(run) -> Workload | None:
     """The workload of a one-process run's timing file (its measured step time)."""
+    from ..choices import FOLDER_DATASETS
     from ..data import NUM_CLASSES
 
     r, a = run.rounds, run.attrs
@@ -135,4 +143,5 @@ def workload_from_run(run) -> Workload | None:
             int(a["train_images"]),
             int(cfg.get("batch_size", 128)),
             int(cfg.get("local_iters", 50)),
+            int(cfg.get("crop", 224)) if a["dataset"] in FOLDER_DATASETS else 32,  # the training crop
         )
