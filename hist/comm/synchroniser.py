@@ -264,10 +264,23 @@ class Synchroniser:
         rank issues its operations in the one schedule order, so they cannot cross); otherwise
         they complete before this returns.
         """
+        mine = [
+            op
+            for op in schedule_blocks(plan, next_plan, self.ranks_per_subnet, aggregate)
+            if self.rank in op.ranks and op.kind in kinds
+        ]
+        # A block averaged among its holders is delivered from that average: the averages
+        # complete (and land in the tensors) before any delivery is staged.
+        self._start_block_ops([op for op in mine if op.kind == "allreduce"], block_params).wait()
+        pending = self._start_block_ops([op for op in mine if op.kind == "bcast"], block_params)
+        if not nonblocking:
+            pending.wait()
+        return pending
+
+    def _start_block_ops(self, ops, block_params) -> Pending:
+        """Issue `ops` as MPI non-blocking collectives on their staging buffers."""
         requests, finish = [], []
-        for op in schedule_blocks(plan, next_plan, self.ranks_per_subnet, aggregate):
-            if self.rank not in op.ranks or op.kind not in kinds:
-                continue
+        for op in ops:
             tensors = [p for b in op.blocks for p in block_params[b]]
             numel = sum(t.numel() for t in tensors)
             buf = self._stage(len(requests), numel, tensors[0])
@@ -295,10 +308,7 @@ class Synchroniser:
                     buf /= k
                 _unflatten_into(buf.to(tensors[0].device, non_blocking=True), tensors)
 
-        pending = Pending(complete)
-        if not nonblocking:
-            pending.wait()
-        return pending
+        return Pending(complete)
 
     def any_over_subnet(self, flag: bool) -> bool:
         """True on every rank of this rank's subnetwork if `flag` is true on any of them (MPI)."""
