@@ -40,9 +40,18 @@ def user_errors(prog: str):
             except HistError as e:
                 if debug:
                     traceback.print_exc()
-                if isinstance(e, CollectiveError) and world_info_from_env().rank != 0:
-                    sys.exit(2)  # every rank raised it together; rank 0 says it once
-                _fail(prog, str(e), 2)
+                if isinstance(e, CollectiveError):
+                    if world_info_from_env().rank != 0:
+                        sys.exit(2)  # every rank raised it together; rank 0 says it once
+                    _fail(prog, str(e), 2)
+                # Raised on this rank alone once MPI runs (an unreadable image in its shard, say):
+                # say it, then end the other ranks, which would otherwise wait in a collective.
+                world = world_info_from_env()
+                click.echo(f"{prog}: error{f' [{world.where()}]' if world.size > 1 else ''}: {e}", err=True)
+                from .comm import abort_world_if_running
+
+                abort_world_if_running(2)
+                sys.exit(2)
             except KeyboardInterrupt:
                 _fail(prog, "interrupted", 130)
             except Exception as e:  # a bug or a failing library: name it, never hang the others

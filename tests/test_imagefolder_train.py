@@ -2,7 +2,9 @@
 streamed by decoding worker processes into an ImageNet-style pre-activation ResNet."""
 
 import os
+import shutil
 import signal
+import time
 
 import numpy as np
 import pytest
@@ -57,3 +59,17 @@ def test_streamed_run_resumes_exactly(image_sample, tmp_path):
     b = torch.load(out.with_suffix(".ckpt.pt"), map_location="cpu", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a if not k.endswith("num_batches_tracked"))
     assert np.array_equal(rounds(ref)[0]["loss"], rounds(out)[0]["loss"])  # the same batches after the cut
+
+
+def test_an_unreadable_image_on_one_rank_is_named_and_ends_every_rank(image_sample, tmp_path):
+    data = tmp_path / "woof"
+    shutil.copytree(image_sample, data)
+    bad = sorted((data / "train").rglob("*.JPEG"))[0]
+    bad.chmod(0o644)
+    bad.write_bytes(bad.read_bytes()[:200])  # a cut-off download
+    args = ["imagewoof", "--data-dir", data, "--epochs", "1", *SMALL, "--out", tmp_path / "bad.h5"]
+    t = time.time()
+    proc = horovodrun(2, BIN / "hist-train", *args, check=False, timeout=300)
+    assert proc.returncode != 0 and time.time() - t < 120
+    assert f"cannot decode image {bad}" in proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr

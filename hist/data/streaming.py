@@ -245,6 +245,8 @@ class _Workers:
                 why = (
                     "was killed (out of memory?)"
                     if p.exitcode == -9
+                    else "was terminated (SIGTERM): the job is being ended"
+                    if p.exitcode == -15
                     else f"died of signal {-p.exitcode}"
                     if p.exitcode < 0
                     else f"exited with code {p.exitcode}"
