@@ -1,17 +1,14 @@
 """hist-train on image folders end to end: the real Imagewoof sample (ImageNet photographs),
 streamed by decoding worker processes into an ImageNet-style pre-activation ResNet."""
 
-import os
 import shutil
-import signal
 import time
 
 import numpy as np
 import pytest
-import torch
-from test_train import _wait_for, rounds
+from test_train import cut_and_resume, rounds, same_model
 
-from helpers import BIN, horovodrun, options, run, spawn
+from helpers import BIN, horovodrun, options, run
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
@@ -46,18 +43,8 @@ def test_every_method_trains_on_the_real_image_folder(image_sample, tmp_path, me
 
 def test_streamed_run_resumes_exactly(image_sample, tmp_path):
     common = ["imagewoof", "--data-dir", image_sample, "--epochs", "5", *SMALL, "--checkpoint-every", "2"]
-    ref = tmp_path / "ref.h5"
-    horovodrun(2, BIN / "hist-train", *common, "--out", ref)
-    out = tmp_path / "cut.h5"
-    proc = spawn(2, BIN / "hist-train", *common, "--out", out, merge_output=True)
-    _wait_for(out.with_suffix(".ckpt.pt"), proc)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(60)
-    assert len(rounds(out)[0]["round"]) < len(rounds(ref)[0]["round"])
-    horovodrun(2, BIN / "hist-train", *common, "--out", out, "--resume")
-    a = torch.load(ref.with_suffix(".ckpt.pt"), map_location="cpu", weights_only=True)["model"]
-    b = torch.load(out.with_suffix(".ckpt.pt"), map_location="cpu", weights_only=True)["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a if not k.endswith("num_batches_tracked"))
+    ref, out, a, b = cut_and_resume(tmp_path, *common)
+    assert same_model(a["model"], b["model"])
     assert np.array_equal(rounds(ref)[0]["loss"], rounds(out)[0]["loss"])  # the same batches after the cut
 
 

@@ -108,13 +108,13 @@ def final_model(path):
     return torch.load(path, map_location="cpu", weights_only=False)["model"]
 
 
-def _spawn(args, out, epochs=6):
+def _spawn(args, out):
     return spawn(
         2,
         BIN / "hist-train",
         "synthetic",
         "--epochs",
-        str(epochs),
+        "6",
         *TINY,
         "--checkpoint-every",
         "2",
@@ -180,20 +180,30 @@ ACCURACY_OPTIONS = [
 ]
 
 
-@pytest.mark.parametrize("method", ["ist", "local-sgd"])
-def test_resume_is_exact_with_momentum_outer_step_and_warmups(tmp_path, method):
-    common = ["--epochs", "6", *TINY, "--checkpoint-every", "2", "--method", method, *ACCURACY_OPTIONS]
-    ref = tmp_path / "ref.h5"
-    horovodrun(2, BIN / "hist-train", "synthetic", *common, "--out", ref)
-    out = tmp_path / "cut.h5"
-    proc = _spawn(["--method", method, *ACCURACY_OPTIONS], out)
+def cut_and_resume(tmp_path, *args):
+    """`hist-train ARGS` on 2 ranks uninterrupted, and again SIGKILLed after its first
+    checkpoint and resumed: (reference timing file, resumed one, their final checkpoints)."""
+    ref, out = tmp_path / "ref.h5", tmp_path / "cut.h5"
+    horovodrun(2, BIN / "hist-train", *args, "--out", ref)
+    proc = spawn(2, BIN / "hist-train", *args, "--out", out, merge_output=True)
     _wait_for(out.with_suffix(".ckpt.pt"), proc)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(60)
-    horovodrun(2, BIN / "hist-train", "synthetic", *common, "--out", out, "--resume")
-    a = torch.load(ref.with_suffix(".ckpt.pt"), map_location="cpu", weights_only=True)
-    b = torch.load(out.with_suffix(".ckpt.pt"), map_location="cpu", weights_only=True)
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"] if not k.endswith("num_batches_tracked"))
+    assert len(rounds(out)[0]["round"]) < len(rounds(ref)[0]["round"])  # it was cut short
+    horovodrun(2, BIN / "hist-train", *args, "--out", out, "--resume")
+    load = lambda p: torch.load(p.with_suffix(".ckpt.pt"), map_location="cpu", weights_only=True)
+    return ref, out, load(ref), load(out)
+
+
+def same_model(a: dict, b: dict) -> bool:
+    return all(torch.equal(a[k], b[k]) for k in a if not k.endswith("num_batches_tracked"))
+
+
+@pytest.mark.parametrize("method", ["ist", "local-sgd"])
+def test_resume_is_exact_with_momentum_outer_step_and_warmups(tmp_path, method):
+    common = ["--epochs", "6", *TINY, "--checkpoint-every", "2", "--method", method, *ACCURACY_OPTIONS]
+    ref, out, a, b = cut_and_resume(tmp_path, "synthetic", *common)
+    assert same_model(a["model"], b["model"])
     assert a["optimizer"] is not None  # momentum is aggregated, so it is global state and saved
     moms = [
         (x["momentum_buffer"], y["momentum_buffer"])
@@ -258,18 +268,8 @@ def test_bf16_channels_last_trains_with_the_same_bytes(tmp_path, method):
 
 def test_resume_is_exact_with_fp16_and_its_loss_scale(tmp_path):
     fp16 = ["--precision", "fp16", "--channels-last", "--subnets", "2"]
-    common = ["--epochs", "3", *TINY, "--checkpoint-every", "2", *fp16]
-    ref = tmp_path / "ref.h5"
-    horovodrun(2, BIN / "hist-train", "synthetic", *common, "--out", ref)
-    out = tmp_path / "cut.h5"
-    proc = _spawn(fp16, out, epochs=3)
-    _wait_for(out.with_suffix(".ckpt.pt"), proc)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(60)
-    horovodrun(2, BIN / "hist-train", "synthetic", *common, "--out", out, "--resume")
-    a = torch.load(ref.with_suffix(".ckpt.pt"), map_location="cpu", weights_only=True)
-    b = torch.load(out.with_suffix(".ckpt.pt"), map_location="cpu", weights_only=True)
+    ref, out, a, b = cut_and_resume(tmp_path, "synthetic", "--epochs", "3", *TINY, "--checkpoint-every", "2", *fp16)
     assert len(a["precision"]) == 2  # one gradient scaler per rank: the subnetworks skip apart
     assert a["precision"] == b["precision"]
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"] if not k.endswith("num_batches_tracked"))
+    assert same_model(a["model"], b["model"])
     assert np.array_equal(rounds(ref)[0]["loss"], rounds(out)[0]["loss"])

@@ -31,23 +31,11 @@ from ..models import build_model, conv_flops, make_plan, shared_and_partitioned
 PUBLISHED_GB = {"ist": {"2": 0.454, "4": 0.720, "8": 1.289}, "local-sgd": {"2": 0.662, "4": 1.325, "8": 2.649}}
 
 
-class _Plain:
-    """The one-process method's step hooks, for timing a step outside a run."""
-
-    agree_on_overflow = None
-
-    def __init__(self, optimizer):
-        self.optimizer = optimizer
-
-    def step(self, step_fn=None):
-        (step_fn or (lambda o: o.step()))(self.optimizer)
-
-
 def _time_steps(model, x, y, steps: int, warmup: int, precision: str = "fp32") -> float:
     """Fastest of `steps` SGD training steps after warm-up (the least disturbed by other load),
     through the training's own precision switch."""
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    amp, hooks = Precision(precision, x.device), _Plain(opt)
+    amp = Precision(precision, x.device)
     times = []
     for i in range(warmup + steps):
         t = time.perf_counter()
@@ -55,7 +43,7 @@ def _time_steps(model, x, y, steps: int, warmup: int, precision: str = "fp32") -
         with amp.autocast():
             loss = torch.nn.functional.cross_entropy(model(x), y)
         amp.backward(loss)
-        amp.step(opt, hooks)
+        amp.step(opt)
         if x.device.type == "cuda":
             torch.cuda.synchronize()
         if i >= warmup:

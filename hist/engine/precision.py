@@ -32,25 +32,27 @@ class Precision:
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
-    def step(self, optimizer, method) -> None:
-        """The optimizer step through `method.step` (which knows Horovod's skip_synchronize).
+    def step(self, optimizer, method=None) -> None:
+        """The optimizer step through `method.step` (which knows Horovod's skip_synchronize);
+        without a method, a plain step on this rank's own gradients (timing a step alone).
 
         With fp16, the ranks that averaged these gradients must skip the same steps or their
         weights part: each rank checks its own gradients, `method.agree_on_overflow` ORs the
         flag over those ranks, and a rank outside the overflow marks one of its gradients
         non-finite so that its scaler skips and backs off exactly like the others.
         """
+        step = method.step if method is not None else (lambda step_fn: step_fn(optimizer))
         if self.scaler is None:
-            method.step(lambda opt: opt.step())
+            step(lambda opt: opt.step())
             return
-        agree = method.agree_on_overflow
+        agree = method.agree_on_overflow if method is not None else None
         if agree is not None:
             grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
             local = not bool(torch.stack([g.isfinite().all() for g in grads]).all())
             if agree(local) and not local:
                 grads[0].view(-1)[0] = float("inf")
         scale = self.scaler.get_scale()
-        method.step(self.scaler.step)
+        step(self.scaler.step)
         self.scaler.update()
         self.skipped += int(self.scaler.get_scale() < scale)
 
