@@ -49,3 +49,24 @@ def test_points_beyond_the_data_or_the_published_batch_are_marked():
     assert caveats(16, w)[0].startswith("24.4 steps per GPU per epoch")
     assert "global batch 2048 beyond the published 1024" in caveats(16, w)[1]
     assert len(caveats(1024, w)) == 2
+
+
+def test_image_folder_runs_are_projected_at_their_crop():
+    import torch
+
+    from hist.models import build_model, conv_flops
+
+    with torch.device("meta"):
+        small = workload_for("imagenet_preact_resnet50", 10, 0.0625, 0.1, 9025, 64, 20, image_size=32)
+        crop = workload_for("imagenet_preact_resnet50", 10, 0.0625, 0.1, 9025, 64, 20, image_size=128)
+        model = build_model("imagenet_preact_resnet50", 10, 0.0625)
+        expected = conv_flops(model, [], 128) / conv_flops(model, range(5), 128)
+    assert crop.shared_flop_share == pytest.approx(expected)
+    assert crop.shared_flop_share != pytest.approx(small.shared_flop_share)  # 32 pixels would mislead
+
+
+def test_image_folders_default_to_the_imagenet_style_network():
+    from hist.config import Config, default_arch
+
+    assert default_arch("imagewoof") == "imagenet_preact_resnet101"
+    assert default_arch("cifar10") == Config.arch == "preact_resnet101"
