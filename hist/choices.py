@@ -11,12 +11,17 @@ METHODS = ("ist", "local-sgd", "dp")
 AGGREGATES = ("copy", "average")
 SCHEDULES = ("step", "cosine")
 OPTIMIZER_STATES = ("average", "restart")
-LR_SCALINGS = ("linear", "none")
+# auto: linear under --data-split shard (N ranks take a round's N x batch between averages),
+# none under full (every rank already takes the one-process run's steps at its batch)
+LR_SCALINGS = ("auto", "linear", "none")
 SHARED_PRECISIONS = ("fp32", "fp16")
 PRECISIONS = ("fp32", "bf16", "fp16")
 BLOCK_TRANSPORTS = ("auto", "host", "device")
 DEVICES = ("auto", "cpu", "cuda")
 STOP_SIGNALS = ("USR2", "USR1", "TERM")
+# shard: each epoch one permutation cut into disjoint per-rank shards (N ranks take 1/N of the
+# steps); full: every rank passes the whole set each epoch in its own order (the ResIST release)
+DATA_SPLITS = ("shard", "full")
 
 # A one-process run trains the full model whatever method was asked for; it is labelled so.
 SINGLE = "single"

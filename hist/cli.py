@@ -135,7 +135,14 @@ def _apply_preset(ctx: click.Context, param, name):
     help="ist: local SGD on the full model for this many epochs first.",
 )
 @click.option("--local-iters", default=Config.local_iters, help="Local steps per round.")
-@click.option("--epochs", default=Config.epochs, help="Passes over the training set (all ranks together).")
+@click.option(
+    "--data-split",
+    default=Config.data_split,
+    type=click.Choice(choices.DATA_SPLITS),
+    help="shard: each epoch cut into per-rank shards (N ranks take 1/N of the steps); full: every rank passes "
+    "the whole set each epoch in its own order (the ResIST release).",
+)
+@click.option("--epochs", default=Config.epochs, help="Epochs of one rank's data (see --data-split).")
 @click.option("--batch-size", default=Config.batch_size, help="Batch per process.")
 @click.option("--lr", default=Config.lr, help="Peak learning rate.")
 @click.option("--momentum", default=Config.momentum)
@@ -358,6 +365,12 @@ def _int_list(least: int):
 @click.option("--methods", default="ist,local-sgd", help="Methods beyond one process: ist, local-sgd, dp.")
 @click.option("--seeds", default="0", callback=_int_list(0), help="Seeds, e.g. 0,1,2 (mean and spread in the table).")
 @click.option(
+    "--data-split",
+    type=click.Choice(choices.DATA_SPLITS),
+    default=None,
+    help="The protocol of every run (hist-train --data-split) [default: the preset's].",
+)
+@click.option(
     "--oversubscribed-above",
     type=int,
     default=None,
@@ -365,7 +378,7 @@ def _int_list(least: int):
 )
 @click.argument("train_options", nargs=-1, type=click.UNPROCESSED)
 @user_errors("hist-bench")
-def accuracy_suite(dataset, preset, folder, processes, methods, seeds, oversubscribed_above, train_options):
+def accuracy_suite(dataset, preset, folder, processes, methods, seeds, data_split, oversubscribed_above, train_options):
     """Run one preset under every method and process count, then print the published table.
 
     Options after `--` go to every hist-train run, e.g. `-- --data-dir ../shared/data/cifar10`.
@@ -379,6 +392,8 @@ def accuracy_suite(dataset, preset, folder, processes, methods, seeds, oversubsc
     bad = [m for m in method_list if m not in choices.METHODS]
     if bad:
         raise HistError(f"--methods: unknown {', '.join(bad)}; choose from {', '.join(choices.METHODS)}")
+    if data_split:
+        train_options = ("--data-split", data_split, *train_options)
     folder = folder or Path("runs") / f"accuracy-{preset}-{dataset}"
     try:  # the settings every run resolves to: the preset under the options given, as hist-train parses them
         ctx = train.make_context("hist-train", [dataset, "--preset", preset, *train_options])

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from .choices import (
     AGGREGATES,
     BLOCK_TRANSPORTS,
+    DATA_SPLITS,
     DEVICES,
     FOLDER_DATASETS,
     LR_SCALINGS,
@@ -56,14 +57,17 @@ class Config:
     outer_momentum: float = 0.0  # ist/local-sgd: Nesterov momentum of the outer step (DiLoCo: 0.9; 0 = none)
     warmup_local_sgd_epochs: float = 0.0  # ist: local SGD on the full model for this many epochs before IST starts
     local_iters: int = 50  # local steps between aggregations (one round); logging granularity for dp
-    epochs: float = 1.0  # passes over the training set, all ranks together
+    data_split: str = "shard"  # shard: each epoch cut into disjoint per-rank shards (N ranks take 1/N of the steps) | full: every rank passes the whole set each epoch in its own order (the ResIST release)
+    epochs: float = (
+        1.0  # epochs of one rank's data (--data-split): the schedule, warm-up and every *-epochs option count these
+    )
     batch_size: int = 128  # per process
     lr: float = 0.1  # peak learning rate
     momentum: float = 0.9  # SGD momentum
     weight_decay: float = 5e-4  # L2 on all parameters
     schedule: str = "step"  # step (/10 at 50% and 75%) | cosine
     warmup_epochs: float = 0.5  # linear warm-up from lr/10 over this many epochs (every method, one process too)
-    lr_scaling: str = "linear"  # linear: peak lr x processes (Goyal et al.), for every method | none
+    lr_scaling: str = "auto"  # auto: linear under --data-split shard, none under full | linear: peak lr x processes (Goyal et al.), every method | none
     bn_batches: int = 8  # training batches that recalibrate BatchNorm statistics before evaluation
     eval_every: int = 0  # rounds between evaluations (0 = only at the end)
     eval_every_epochs: float = 0.0  # also evaluate at the first round end after every this many epochs (0 = off)
@@ -104,6 +108,7 @@ class Config:
             _one_of("--device", self.device, DEVICES),
             _one_of("--precision", self.precision, PRECISIONS),
             _one_of("--block-transport", self.block_transport, BLOCK_TRANSPORTS),
+            _one_of("--data-split", self.data_split, DATA_SPLITS),
             (self.lr > 0, f"--lr {self.lr} must be positive"),
             (self.outer_lr > 0, f"--outer-lr {self.outer_lr} must be positive"),
             (0 <= self.outer_momentum < 1, f"--outer-momentum {self.outer_momentum} must be in [0, 1)"),

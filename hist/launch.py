@@ -22,9 +22,10 @@ import torch
 
 from . import data as datasets
 from .choices import FOLDER_DATASETS, run_label
-from .comm import Synchroniser, resolve_block_transport
+from .comm import Synchroniser, connect, resolve_block_transport
 from .config import Config
-from .engine import Result, StopFlag, peak_lr, train
+from .data.order import images_per_rank
+from .engine import Result, StopFlag, lr_scaling, peak_lr, train
 from .errors import CollectiveError, HistError
 from .io import checkpoint as ckpt
 from .io.runlock import RunLock
@@ -137,11 +138,11 @@ def load_data(cfg: Config, world_size: int):
         train_split, test_split = datasets.load(
             cfg.dataset, Path(cfg.data_dir) if cfg.data_dir else None, cfg.seed, synthetic_size=cfg.synthetic_size
         )
-    shard = len(train_split) // world_size
+    shard = images_per_rank(len(train_split), world_size, cfg.data_split)
     if cfg.batch_size > shard:
         raise HistError(
             f"--batch-size {cfg.batch_size} is larger than the {shard} training images each of the "
-            f"{world_size} ranks gets; use a batch of at most {shard}"
+            f"{world_size} ranks gets (--data-split {cfg.data_split}); use a batch of at most {shard}"
         )
     return train_split, test_split
 
@@ -191,6 +192,9 @@ def open_recorder(cfg, sync, checked, device, train_data, test_data, resume_stat
             "train_images": len(train_data),
             "test_images": len(test_data),
             "steps_per_epoch": train_data.steps_per_epoch,
+            "data_split": cfg.data_split,
+            "lr_scaling": lr_scaling(cfg),
+            "peak_lr": peak_lr(cfg, sync.size),
             "block_transport": checked.block_transport,
         }
         try:
@@ -206,13 +210,25 @@ def build_loaders(cfg: Config, train_split, test_split, device: torch.device, ra
     if cfg.dataset in FOLDER_DATASETS:
         sizes = dict(crop=cfg.crop, resize=cfg.eval_resize, workers=cfg.workers)
         return (
-            datasets.StreamingLoader(train_split, cfg.dataset, cfg.batch_size, device, cfg.seed, rank, world, **sizes),
+            datasets.StreamingLoader(
+                train_split,
+                cfg.dataset,
+                cfg.batch_size,
+                device,
+                cfg.seed,
+                rank,
+                world,
+                data_split=cfg.data_split,
+                **sizes,
+            ),
             datasets.StreamingLoader(
                 test_split, cfg.dataset, cfg.eval_batch_size, device, cfg.seed, augment=False, **sizes
             ),
         )
     return (
-        datasets.DeviceLoader(train_split, cfg.dataset, cfg.batch_size, device, cfg.seed, rank, world, augment=True),
+        datasets.DeviceLoader(
+            train_split, cfg.dataset, cfg.batch_size, device, cfg.seed, rank, world, data_split=cfg.data_split
+        ),
         datasets.DeviceLoader(test_split, cfg.dataset, cfg.eval_batch_size, device, cfg.seed, augment=False),
     )
 
@@ -227,8 +243,9 @@ def run_training(cfg: Config) -> Result:
     stop.install()  # before MPI starts, so an early SIGTERM is not lost
 
     on_cpu = checked.device.type == "cpu"
-    sync = Synchroniser(
+    sync = connect(
         checked.subnets,
+        world.size,
         cycle_time_ms=50 if on_cpu else None,
         yield_when_idle=on_cpu,
         block_transport=checked.block_transport,
@@ -259,7 +276,7 @@ def run_training(cfg: Config) -> Result:
     log = print if sync.rank == 0 else (lambda *a, **k: None)
     log(
         f"hist-train {cfg.method} on {cfg.dataset}: {sync.size} process(es), {checked.subnets} subnetwork(s), "
-        f"{cfg.arch} width {cfg.width}, device {device}, {cfg.precision}"
+        f"{cfg.arch} width {cfg.width}, data split {cfg.data_split}, device {device}, {cfg.precision}"
         f"{', channels_last' if cfg.channels_last else ''}, timings -> {checked.out}"
     )
     if resume_state is not None:

@@ -18,11 +18,24 @@ RECIPE = dict(
 # name -> (what it is for, Config keys it sets)
 PRESETS: dict[str, tuple[str, dict]] = {
     "paper": (
-        "ResIST's CIFAR setting for GPUs: ResNet-101 width 1, 160 epochs, batch 128 per process",
-        {**RECIPE, "width": 1.0, "epochs": 160, "eval_every_epochs": 10, "checkpoint_every": 100},
+        "ResIST's CIFAR setting for GPUs as its release runs it: ResNet-101 width 1, 160 epochs, batch 128 "
+        "per process, every worker on the whole training set each epoch, momentum restarted every round, "
+        "no learning-rate scaling or warm-up",
+        {
+            **RECIPE,
+            "width": 1.0,
+            "epochs": 160,
+            "eval_every_epochs": 10,
+            "checkpoint_every": 100,
+            "data_split": "full",
+            "optimizer_state": "restart",
+            "lr_scaling": "none",
+            "warmup_epochs": 0.0,
+        },
     ),
     "cpu": (
-        "the same recipe sized for a 2-core CPU: ResNet-101 width 1/16, 12 epochs, one thread a process",
+        "the same recipe sized for a 2-core CPU: ResNet-101 width 1/16, 12 epochs, one thread a process "
+        "(either protocol: --data-split shard or full)",
         {**RECIPE, "width": 0.0625, "epochs": 12, "eval_every_epochs": 1, "checkpoint_every": 20, "threads": 1},
     ),
     "smoke": (

@@ -13,7 +13,9 @@ from hist.io.timings import SCHEMA_VERSION, TimingWriter, read_run
 BIN = __import__("pathlib").Path(sys.executable).parent
 
 
-def write_run(path, method, world, seconds_per_round, rounds=4, accs=(50.0, 80.0), sent=1000, dataset="synthetic"):
+def write_run(
+    path, method, world, seconds_per_round, rounds=4, accs=(50.0, 80.0), sent=1000, dataset="synthetic", **extra
+):
     meta = {
         "method": method,
         "dataset": dataset,
@@ -24,6 +26,7 @@ def write_run(path, method, world, seconds_per_round, rounds=4, accs=(50.0, 80.0
         "config": {"seed": 0, "batch_size": 10, "local_iters": 10},
         "hosts": ["h"] * world,
         "train_images": 200,
+        **extra,
     }
     w = TimingWriter(path, meta, world)
     for r in range(rounds):
@@ -168,7 +171,7 @@ def test_paper_table_has_a_row_per_method_and_a_column_per_process_count(runs_di
     table = format_paper_table(rows, notes)
     lines = table.splitlines()
     assert lines[0] == "| method | 1 process | 2 processes |"
-    assert [l.split("|")[1].strip() for l in lines[2:6]] == ["single", "ist", "local-sgd", "dp"]
+    assert [l.split("|")[1].strip() for l in lines[2:6]] == ["single", "ist (shard)", "local-sgd (shard)", "dp (shard)"]
     ist_line = lines[3]
     assert "78.00% ± 2.83 (n=2)" in ist_line and "4.00x single" in ist_line and "1.50x local SGD" in ist_line
     assert "0.00 MB/round" in ist_line and "target at 4 s" in ist_line
@@ -191,3 +194,32 @@ def test_a_file_from_before_top5_reads_without_it(tmp_path):
         del f["evals/test_top5"]
     rows, _ = summarise(load_runs([path]))
     assert rows[0]["final_accuracy"] == 80.0 and rows[0]["final_top5"] is None
+
+
+def test_both_data_splits_are_rows_of_their_own_and_every_table_says_which(tmp_path):
+    write_run(tmp_path / "single.h5", "single", 1, 4.0, accs=(50.0, 80.0))
+    write_run(tmp_path / "ist-shard.h5", "ist", 2, 1.0, accs=(60.0, 78.5), data_split="shard")
+    write_run(tmp_path / "ist-full.h5", "ist", 2, 3.0, accs=(77.0, 79.5), data_split="full")
+    write_run(tmp_path / "lsgd-full.h5", "local-sgd", 2, 3.5, data_split="full")
+    rows, notes = summarise(load_runs([tmp_path]))
+    by = {(r["method"], r["data_split"], r["world_size"]): r for r in rows}
+    assert set(by) == {("single", "both", 1), ("ist", "shard", 2), ("ist", "full", 2), ("local-sgd", "full", 2)}
+    # target: single's 80% minus 1 = 79; the lower one 2 points below: 77
+    shard, full = by[("ist", "shard", 2)], by[("ist", "full", 2)]
+    assert shard["time_to_target_s"] is None and shard["time_to_lower_target_s"] == pytest.approx(4.0)
+    assert full["time_to_target_s"] == pytest.approx(12.0) and full["time_to_lower_target_s"] == pytest.approx(6.0)
+    # local SGD is compared within its own protocol only
+    assert full["speedup_vs_local_sgd"] == pytest.approx(3.5 / 3.0) and shard["speedup_vs_local_sgd"] is None
+    assert any(n.startswith("data split: full") and "shard" in n for n in notes)
+    from hist.analysis.report import format_paper_table, format_table
+
+    paper = format_paper_table(rows, notes)
+    assert "| ist (full) |" in paper and "| ist (shard) |" in paper and "| single |" in paper
+    assert "target - 2 at 6 s" in paper
+    assert " full " in format_table(rows, notes) and "to-target-2 s" in format_table(rows, notes)
+
+
+def test_files_from_before_the_option_read_as_sharded(runs_dir):
+    rows, notes = summarise(load_runs([runs_dir]))
+    assert {r["data_split"] for r in rows if r["world_size"] > 1} == {"shard"}
+    assert notes[0].startswith("data split: shard")

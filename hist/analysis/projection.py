@@ -1,7 +1,9 @@
 """Projected speedup past the machines we have: measured step time, modelled communication.
 
 Time per epoch of N GPUs = steps x step time + rounds x synchronisation, where
-- steps = images / (N x batch); rounds = steps / local_iters;
+- steps = images per GPU / batch, where a GPU passes images / N per epoch under `--data-split
+  shard` and all images under `full` (so there time per epoch does not divide by N);
+  rounds = steps / local_iters;
 - a step of the full model takes the measured one-process step time t; an IST step with S
   subnetworks takes t x (shared FLOP share + partitioned FLOP share x blocks per subnetwork /
   all partitioned blocks) (measured step ratios follow the FLOP ratios within a few percent);
@@ -21,6 +23,7 @@ import torch
 
 from ..choices import METHODS, SINGLE
 from ..comm import ring_allreduce_bytes
+from ..data.order import ranks_sharing_an_epoch
 from ..models import build_model, conv_flops, make_plan, shared_and_partitioned
 
 # The largest global batch at which the published accuracy holds: ResIST reports up to 8
@@ -49,6 +52,10 @@ class Workload:
     shared_bytes: float
     block_bytes: tuple[float, ...]
     shared_flop_share: float  # FLOPs outside the partitioned blocks / all FLOPs
+    data_split: str = "shard"  # shard | full: what one GPU passes per epoch (hist-train --data-split)
+
+    def steps_per_gpu(self, n_gpus: int) -> float:
+        return self.images / ranks_sharing_an_epoch(n_gpus, self.data_split) / self.batch
 
     @property
     def full_bytes(self) -> float:
@@ -69,13 +76,14 @@ def workload_for(
     batch: int,
     local_iters: int,
     image_size: int = 32,
+    data_split: str = "shard",
 ) -> Workload:
     model = build_model(arch, num_classes, width)
     shared, blocks = shared_and_partitioned(model)
     n = len(blocks)
     share = conv_flops(model, [], image_size) / conv_flops(model, range(n), image_size)
     size = lambda ps: float(sum(p.numel() * 4 for p in ps))
-    return Workload(step_s, images, batch, local_iters, size(shared), tuple(size(b) for b in blocks), share)
+    return Workload(step_s, images, batch, local_iters, size(shared), tuple(size(b) for b in blocks), share, data_split)
 
 
 def ist_subnets(n_gpus: int, n_blocks: int) -> int:
@@ -86,7 +94,7 @@ def ist_subnets(n_gpus: int, n_blocks: int) -> int:
 
 
 def epoch_seconds(method: str, n_gpus: int, w: Workload, net: Network) -> float:
-    steps = w.images / (n_gpus * w.batch)
+    steps = w.steps_per_gpu(n_gpus)
     rounds = steps / w.local_iters
     if n_gpus == 1:
         return steps * w.step_s
@@ -108,7 +116,7 @@ def caveats(n_gpus: int, w: Workload) -> list[str]:
     """Why the projection at `n_gpus` is not a claim about accuracy: an epoch too short for one
     round per GPU, or a global batch beyond the published ones."""
     out = []
-    steps = w.images / (n_gpus * w.batch)
+    steps = w.steps_per_gpu(n_gpus)
     if steps < w.local_iters:
         out.append(f"{steps:.1f} steps per GPU per epoch, fewer than one round of {w.local_iters}")
     if n_gpus * w.batch > PUBLISHED_GLOBAL_BATCH:
@@ -122,8 +130,9 @@ def project(w: Workload, net: Network, gpus=tuple(2**i for i in range(11))) -> d
     return {m: {n: base / epoch_seconds(m, n, w, net) for n in gpus} for m in METHODS}
 
 
-def workload_from_run(run) -> Workload | None:
-    """The workload of a one-process run's timing file (its measured step time)."""
+def workload_from_run(run, data_split: str = "shard") -> Workload | None:
+    """The workload of a one-process run's timing file (its measured step time), for N GPUs
+    under `data_split`."""
     from ..choices import FOLDER_DATASETS
     from ..data import NUM_CLASSES
 
@@ -144,4 +153,5 @@ def workload_from_run(run) -> Workload | None:
             int(cfg.get("batch_size", 128)),
             int(cfg.get("local_iters", 50)),
             int(cfg.get("crop", 224)) if a["dataset"] in FOLDER_DATASETS else 32,  # the training crop
+            data_split,
         )

@@ -1,7 +1,8 @@
 """hist-report: speedup, time to accuracy, round breakdown and communication from timing files.
 
-Runs are grouped by (dataset, arch, width, method, world size); each group becomes one table
-row and one point on the figures. The baseline is the one-process run of the same dataset,
+Runs are grouped by (dataset, arch, width, method, data split, world size); each group becomes
+one table row and one point on the figures. A one-process run is the same under both data
+splits (`--data-split`), so it is labelled `both` and is the baseline of either. The baseline is the one-process run of the same dataset,
 arch and width; without one, speedups are relative to the smallest world size present and
 the table says so.
 """
@@ -22,6 +23,7 @@ COLUMNS = (
     "dataset",
     "arch",
     "method",
+    "data_split",
     "world_size",
     "runs",
     "epochs",
@@ -30,6 +32,7 @@ COLUMNS = (
     "speedup",
     "speedup_vs_local_sgd",
     "time_to_target_s",
+    "time_to_lower_target_s",
     "speedup_to_target",
     "final_accuracy",
     "final_accuracy_std",
@@ -121,21 +124,43 @@ def merge(runs: list[Run], dest: Path) -> None:
                     sub.create_dataset(k, data=v, maxshape=(None,) + v.shape[1:], chunks=True)
 
 
+# A one-process run's data split: it passes the whole set each epoch under either.
+BOTH_SPLITS = "both"
+# The second time-to-accuracy column stands this many points below the target.
+LOWER_TARGET_POINTS = 2.0
+
+
+def split_label(run: Run) -> str:
+    return BOTH_SPLITS if int(run.attrs["world_size"]) == 1 else run.data_split
+
+
 def _key(run: Run) -> tuple:
     a = run.attrs
-    return (a["dataset"], a["arch"], float(a.get("width", 1.0)), a["method"], int(a["world_size"]))
+    return (a["dataset"], a["arch"], float(a.get("width", 1.0)), a["method"], split_label(run), int(a["world_size"]))
+
+
+def method_label(row: dict) -> str:
+    """The method with its protocol where there is one to say: `ist (full)`."""
+    return row["method"] if row["data_split"] == BOTH_SPLITS else f"{row['method']} ({row['data_split']})"
+
+
+def time_to(run: Run, target: float | None) -> float | None:
+    """Wall seconds at the first evaluation at or above `target`; None if never."""
+    e = run.evals
+    reached = [float(w) for w, acc in zip(e["wall_s"], e["test_accuracy"]) if target is not None and acc >= target]
+    return reached[0] if reached else None
 
 
 def _run_figures(run: Run, target: float | None) -> dict:
     r, e = run.rounds, run.evals
     epochs = float(r["epoch"][-1]) if len(r["epoch"]) else 0.0
     wall = float(r["wall_s"][-1]) if len(r["wall_s"]) else 0.0
-    reached = [float(w) for w, acc in zip(e["wall_s"], e["test_accuracy"]) if target is not None and acc >= target]
     return {
         "epochs": epochs,
         "seconds_per_epoch": wall / epochs if epochs else float("nan"),
         "wall_s": wall,
-        "time_to_target_s": reached[0] if reached else None,
+        "time_to_target_s": time_to(run, target),
+        "time_to_lower_target_s": time_to(run, None if target is None else target - LOWER_TARGET_POINTS),
         "final_accuracy": float(e["test_accuracy"][-1]) if len(e["test_accuracy"]) else None,
         # files written before top-5 was recorded read it as NaN
         "final_top5": float(e["test_top5"][-1]) if len(e["test_top5"]) and np.isfinite(e["test_top5"][-1]) else None,
@@ -155,7 +180,7 @@ def summarise(runs: list[Run], target_accuracy: float | None = None) -> tuple[li
     """One row per group, speedups against the one-process (or smallest) run of the same model."""
     if not runs:
         raise HistError("no runs to report")
-    notes = []
+    notes = [protocol_note(runs)]
     if target_accuracy is None:
         target_accuracy, why = default_target(runs)
         if target_accuracy is not None:
@@ -165,12 +190,13 @@ def summarise(runs: list[Run], target_accuracy: float | None = None) -> tuple[li
         groups[_key(run)].append(_run_figures(run, target_accuracy))
     rows = []
     for key, figs in sorted(groups.items()):
-        dataset, arch, width, method, world = key
+        dataset, arch, width, method, split, world = key
         row = {
             "dataset": dataset,
             "arch": arch,
             "width": width,
             "method": method,
+            "data_split": split,
             "world_size": world,
             "runs": len(figs),
         }
@@ -188,7 +214,7 @@ def summarise(runs: list[Run], target_accuracy: float | None = None) -> tuple[li
         if singles:
             base, row["baseline"] = singles[0], "1 process"
         else:
-            same = [x for x in model if x["method"] == row["method"]]
+            same = [x for x in model if (x["method"], x["data_split"]) == (row["method"], row["data_split"])]
             base = min(same, key=lambda x: x["world_size"])
             row["baseline"] = f"{base['world_size']} processes (no 1-process run)"
             note = (
@@ -200,13 +226,30 @@ def summarise(runs: list[Run], target_accuracy: float | None = None) -> tuple[li
         row["speedup"] = base["seconds_per_epoch"] / row["seconds_per_epoch"]
         tb, tr = base["time_to_target_s"], row["time_to_target_s"]
         row["speedup_to_target"] = tb / tr if tb and tr else None
-        local = [x for x in model if x["method"] == "local-sgd" and x["world_size"] == row["world_size"]]
+        local = [
+            x
+            for x in model
+            if x["method"] == "local-sgd"
+            and (x["world_size"], x["data_split"]) == (row["world_size"], row["data_split"])
+        ]
         row["speedup_vs_local_sgd"] = (
             local[0]["seconds_per_epoch"] / row["seconds_per_epoch"]
             if local and row["world_size"] > 1 and row["method"] != "local-sgd"
             else None
         )
     return rows, notes
+
+
+def protocol_note(runs: list[Run]) -> str:
+    """Which data split (`--data-split`) the multi-process runs used: every table says it."""
+    splits = sorted({r.data_split for r in runs if int(r.attrs["world_size"]) > 1})
+    what = {
+        "shard": "shard (each epoch cut into per-process shards: N processes take 1/N of the steps per epoch)",
+        "full": "full (every process passes the whole training set each epoch: equal steps per process)",
+    }
+    if not splits:
+        return "data split: one process only (the same under shard and full)"
+    return "data split: " + "; ".join(what.get(s, s) for s in splits)
 
 
 def default_target(runs: list[Run]) -> tuple[float | None, str]:
@@ -229,8 +272,9 @@ def format_paper_table(rows: list[dict], notes: list[str], oversubscribed_above:
     process and over local SGD, and time to the target accuracy."""
     worlds = sorted({r["world_size"] for r in rows})
     order = [SINGLE, *METHODS]
-    methods = sorted({r["method"] for r in rows}, key=lambda m: (order.index(m) if m in order else 9, m))
-    cell = {(r["method"], r["world_size"]): r for r in rows}
+    labels = {method_label(r): order.index(r["method"]) if r["method"] in order else 9 for r in rows}
+    methods = sorted(labels, key=lambda m: (labels[m], m))
+    cell = {(method_label(r), r["world_size"]): r for r in rows}
 
     def fmt(r: dict) -> str:
         acc = "-" if r["final_accuracy"] is None else f"{r['final_accuracy']:.2f}%"
@@ -242,9 +286,10 @@ def format_paper_table(rows: list[dict], notes: list[str], oversubscribed_above:
         if r["world_size"] > 1:
             vs_local = "" if r["speedup_vs_local_sgd"] is None else f", {r['speedup_vs_local_sgd']:.2f}x local SGD"
             parts.append(f"{r['speedup']:.2f}x single{vs_local}")
-        parts.append(
-            "target " + ("not reached" if r["time_to_target_s"] is None else f"at {r['time_to_target_s']:.0f} s")
-        )
+        at = lambda t: "not reached" if t is None else f"at {t:.0f} s"
+        parts.append(f"target {at(r['time_to_target_s'])}")
+        if r["target_accuracy"] is not None:
+            parts.append(f"target - {LOWER_TARGET_POINTS:g} {at(r['time_to_lower_target_s'])}")
         if oversubscribed_above and r["world_size"] > oversubscribed_above:
             parts.append("oversubscribed: time not meaningful")
         return "<br>".join(parts)
@@ -261,11 +306,13 @@ def format_table(rows: list[dict], notes: list[str]) -> str:
         "dataset",
         "arch",
         "method",
+        "split",
         "np",
         "epochs",
         "s/epoch",
         "speedup",
         "to-target s",
+        f"to-target-{LOWER_TARGET_POINTS:g} s",
         "speedup@tgt",
         "acc %",
         "top-5 %",
@@ -282,11 +329,13 @@ def format_table(rows: list[dict], notes: list[str]) -> str:
                 r["dataset"],
                 r["arch"].removeprefix("preact_"),
                 r["method"],
+                r["data_split"],
                 str(r["world_size"]),
                 fmt(r["epochs"]),
                 fmt(r["seconds_per_epoch"]),
                 fmt(r["speedup"]),
                 fmt(r["time_to_target_s"], 1),
+                fmt(r["time_to_lower_target_s"], 1),
                 fmt(r["speedup_to_target"]),
                 fmt(r["final_accuracy"]),
                 fmt(r["final_top5"]),
@@ -318,7 +367,7 @@ def draw_figures(runs: list[Run], rows: list[dict], out: Path) -> list[Path]:
             written.append(path)
         plt.close(fig)
 
-    methods = sorted({r["method"] for r in rows if r["world_size"] > 1}) or sorted({r["method"] for r in rows})
+    methods = sorted({method_label(r) for r in rows if r["world_size"] > 1}) or sorted({r["method"] for r in rows})
     worlds = sorted({r["world_size"] for r in rows})
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, field, title in (
@@ -329,7 +378,7 @@ def draw_figures(runs: list[Run], rows: list[dict], out: Path) -> list[Path]:
             pts = sorted(
                 (r["world_size"], r[field])
                 for r in rows
-                if (r["method"] == m or r["world_size"] == 1) and r[field] is not None
+                if (method_label(r) == m or r["world_size"] == 1) and r[field] is not None
             )
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=m)
@@ -348,13 +397,15 @@ def draw_figures(runs: list[Run], rows: list[dict], out: Path) -> list[Path]:
                 run.evals["wall_s"],
                 run.evals["test_accuracy"],
                 marker=".",
-                label=f"{run.attrs['method']} np{run.attrs['world_size']}" + (f" seed {seed}" if seed else ""),
+                label=f"{run.attrs['method']} np{run.attrs['world_size']}"
+                + (f" {run.data_split}" if int(run.attrs["world_size"]) > 1 else "")
+                + (f" seed {seed}" if seed else ""),
             )
     ax.set(xlabel="wall-clock time (s)", ylabel="test accuracy (%)", title="Accuracy against time")
     ax.legend(fontsize=8)
     save(fig, "accuracy_vs_time")
 
-    labels = [f"{r['method']}\nnp{r['world_size']}" for r in rows]
+    labels = [f"{method_label(r)}\nnp{r['world_size']}" for r in rows]
     x = np.arange(len(rows))
     fig, ax = plt.subplots(figsize=(max(5, len(rows)), 4))
     bottom = np.zeros(len(rows))
@@ -385,7 +436,9 @@ def projection(runs: list[Run], rows: list[dict], net) -> dict | None:
     from .projection import caveats, project, workload_from_run
 
     singles = [r for r in runs if int(r.attrs["world_size"]) == 1]
-    w = workload_from_run(singles[0]) if singles else None
+    splits = sorted({r["data_split"] for r in rows if r["world_size"] > 1})
+    split = splits[0] if len(splits) == 1 else "shard"  # a folder of both: the sharded projection
+    w = workload_from_run(singles[0], split) if singles else None
     if w is None:
         return None
     curves = project(w, net)
@@ -397,9 +450,10 @@ def projection(runs: list[Run], rows: list[dict], net) -> dict | None:
             "projected": curves[r["method"]].get(r["world_size"]),
         }
         for r in rows
-        if r["method"] in curves and r["world_size"] > 1
+        if r["method"] in curves and r["world_size"] > 1 and r["data_split"] == split
     ]
     return {
+        "data_split": split,
         "latency_s": net.latency_s,
         "bandwidth_Bps": net.bandwidth_Bps,
         "step_s": w.step_s,
@@ -411,7 +465,7 @@ def projection(runs: list[Run], rows: list[dict], net) -> dict | None:
 
 def format_projection(p: dict) -> str:
     lines = [
-        f"projection (step {p['step_s']:.3f} s measured; latency {p['latency_s']:g} s, "
+        f"projection, --data-split {p.get('data_split', 'shard')} (step {p['step_s']:.3f} s measured; latency {p['latency_s']:g} s, "
         f"bandwidth {p['bandwidth_Bps']:.3g} B/s):"
     ]
     ns = list(p["speedup"]["ist"])

@@ -1,6 +1,8 @@
-"""Communication: the only floor that knows Horovod and MPI (`synchroniser`), and the byte
-accounting and block schedule every other floor counts with (`traffic`, pure)."""
+"""Communication: the only floor that knows Horovod and MPI (`synchroniser`), its one-process
+stand-in that needs neither (`local`), and the byte accounting and block schedule every other
+floor counts with (`traffic`, pure)."""
 
+from .local import LocalSynchroniser
 from .synchroniser import (
     Pending,
     Synchroniser,
@@ -11,12 +13,23 @@ from .synchroniser import (
 )
 from .traffic import BlockOp, Traffic, ring_allreduce_bytes, round_bytes, schedule_blocks
 
+
+def connect(subnets: int, world_size: int, **options) -> Synchroniser | LocalSynchroniser:
+    """This job's synchroniser: Horovod and MPI beyond one process; for one, the stand-in, so a
+    one-process run imports neither library."""
+    if world_size == 1:
+        return LocalSynchroniser(subnets, options.get("block_transport", "host"))
+    return Synchroniser(subnets, **options)
+
+
 __all__ = [
     "BlockOp",
+    "LocalSynchroniser",
     "Pending",
     "Synchroniser",
     "Traffic",
     "abort_world_if_running",
+    "connect",
     "cuda_aware_mpi",
     "horovod_version",
     "resolve_block_transport",

@@ -7,29 +7,18 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .order import calibration_order, epoch_shard, images_per_rank
 from .sources import STATS, Split
 
 
-def epoch_shard(n: int, seed: int, epoch: int, rank: int, world: int) -> torch.Tensor:
-    """Rank `rank`'s images of `epoch` (CPU indices): a permutation seeded alike on every rank,
-    cut into `world` disjoint shards of floor(n / world); the remainder sits out the epoch."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    size = n // world
-    return torch.randperm(n, generator=g)[rank * size : (rank + 1) * size]
-
-
-def calibration_order(n: int, seed: int) -> torch.Tensor:
-    """The fixed order BatchNorm calibration batches are taken in, the same on every rank."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 - 1))
-
-
 class DeviceLoader:
-    """A whole split on the device; per-rank shards of a seeded per-epoch permutation.
+    """A whole split on the device; each rank's images per epoch as `epoch_shard` draws them.
 
-    Each epoch, the permutation (identical on all ranks) is cut into `world` disjoint shards
-    of floor(N / world) images; the remainder (< world images) sits out that epoch, and a
-    different remainder sits out the next. Each shard gives floor(shard / batch) full batches;
-    its last partial batch is dropped too, so every step of every rank has the same shape.
+    Under `shard`, the per-epoch permutation (identical on all ranks) is cut into `world`
+    disjoint shards of floor(N / world) images; the remainder (< world images) sits out that
+    epoch. Under `full`, every rank passes all N in its own order. Each rank's images give
+    floor(images / batch) full batches; the last partial batch is dropped, so every step of
+    every rank has the same shape.
     """
 
     def __init__(
@@ -42,6 +31,7 @@ class DeviceLoader:
         rank: int = 0,
         world: int = 1,
         augment: bool = True,
+        data_split: str = "shard",
     ):
         self.images = torch.from_numpy(np.ascontiguousarray(split.images)).to(device)
         self.labels = torch.from_numpy(split.labels).to(device)
@@ -49,11 +39,11 @@ class DeviceLoader:
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, device=device).view(1, 3, 1, 1)
         self.batch_size, self.device, self.seed = batch_size, device, seed
-        self.rank, self.world = rank, world
+        self.rank, self.world, self.data_split = rank, world, data_split
         self.augment = augment
         self.memory_format = torch.contiguous_format  # torch.channels_last for NHWC models
         self.flip = dataset != "svhn"  # digits are not mirror-symmetric
-        self.shard_size = len(self.labels) // world
+        self.shard_size = images_per_rank(len(self.labels), world, data_split)
         self.steps_per_epoch = self.shard_size // batch_size  # 0 when the batch exceeds the shard
         self._epoch, self._shard = -1, None
 
@@ -62,7 +52,9 @@ class DeviceLoader:
 
     def shard(self, epoch: int) -> torch.Tensor:
         if epoch != self._epoch:
-            self._shard = epoch_shard(len(self.labels), self.seed, epoch, self.rank, self.world).to(self.device)
+            self._shard = epoch_shard(len(self.labels), self.seed, epoch, self.rank, self.world, self.data_split).to(
+                self.device
+            )
             self._epoch = epoch
         return self._shard
 

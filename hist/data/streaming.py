@@ -21,15 +21,16 @@ import torch
 from ..errors import HistError
 from .decode import DecodeError, decode_chunk, serve
 from .folders import FolderSplit
-from .loader import calibration_order, epoch_shard
+from .order import calibration_order, epoch_shard, images_per_rank
 from .sources import STATS
 
 
 class StreamingLoader:
-    """An image-folder split read from disk; per-rank shards of a seeded per-epoch permutation.
+    """An image-folder split read from disk; each rank's images per epoch as `epoch_shard` draws them.
 
-    Sharding is DeviceLoader's: each epoch a permutation (identical on all ranks) is cut into
-    `world` disjoint shards of floor(N / world) images, and each shard into full batches. A
+    Sharding is DeviceLoader's: under `shard` each epoch a permutation (identical on all ranks)
+    is cut into `world` disjoint shards of floor(N / world) images, under `full` every rank
+    passes all N in its own order; each rank's images are cut into full batches. A
     training image gets a random-resized crop and a flip drawn from (seed, rank, step, its place
     in the batch) alone; evaluation images are resized to `resize` and centre-cropped to `crop`.
     `workers` processes decode (0: in this process); call `close()` (or use `with`) to end them.
@@ -45,6 +46,7 @@ class StreamingLoader:
         rank: int = 0,
         world: int = 1,
         augment: bool = True,
+        data_split: str = "shard",
         crop: int = 224,
         resize: int = 256,
         workers: int = 4,
@@ -56,11 +58,11 @@ class StreamingLoader:
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, device=device).view(1, 3, 1, 1)
         self.batch_size, self.device, self.seed = batch_size, device, seed
-        self.rank, self.world = rank, world
+        self.rank, self.world, self.data_split = rank, world, data_split
         self.augment, self.crop, self.resize = augment, crop, resize
         self.workers, self.prefetch = workers, prefetch
         self.memory_format = torch.contiguous_format  # torch.channels_last for NHWC models
-        self.shard_size = len(split) // world
+        self.shard_size = images_per_rank(len(split), world, data_split)
         self.steps_per_epoch = self.shard_size // batch_size  # 0 when the batch exceeds the shard
         self._epoch, self._shard = -1, None
         self._pool: _Workers | None = None  # started at the first batch
@@ -76,7 +78,7 @@ class StreamingLoader:
     def shard(self, epoch: int) -> torch.Tensor:
         """This rank's image indices (on the CPU) for `epoch`, as DeviceLoader cuts them."""
         if epoch != self._epoch:
-            self._shard = epoch_shard(len(self.split), self.seed, epoch, self.rank, self.world)
+            self._shard = epoch_shard(len(self.split), self.seed, epoch, self.rank, self.world, self.data_split)
             self._epoch = epoch
         return self._shard
 

@@ -2,7 +2,7 @@
 
 from .evaluation import evaluate, recalibrate_batchnorm
 from .loop import Result, RoundStats, train
-from .schedule import lr_at, peak_lr
+from .schedule import lr_at, lr_scaling, peak_lr
 from .signals import STOP_SIGNALS, StopFlag
 
 __all__ = [
@@ -12,6 +12,7 @@ __all__ = [
     "StopFlag",
     "evaluate",
     "lr_at",
+    "lr_scaling",
     "peak_lr",
     "recalibrate_batchnorm",
     "train",

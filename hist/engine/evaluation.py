@@ -34,15 +34,18 @@ def evaluate(
     model.set_full(scale)
     recalibrate_batchnorm(model, calibration)
     model.eval()
-    sums = torch.zeros(4, dtype=torch.float64)  # loss, top-1 hits, top-5 hits, images
+    # Sums stay on the model's device (no host read per batch; a CPU tensor stacked with CUDA
+    # scalars would fail) and come to the host once, for the allreduce.
+    device = next(model.parameters()).device
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1 hits, top-5 hits, images
     for x, y in test.eval_batches(batch_size, sync.rank, sync.size):
         out = model(x).float()
         top = out.topk(min(5, out.shape[1]), dim=1).indices
         hits = top == y[:, None]
-        batch = torch.stack(
-            [F.cross_entropy(out, y, reduction="sum"), hits[:, 0].sum(), hits.any(1).sum(), torch.tensor(len(y))]
-        )
-        sums += batch.double().cpu()
+        sums[0] += F.cross_entropy(out, y, reduction="sum").double()
+        sums[1] += hits[:, 0].sum()
+        sums[2] += hits.any(1).sum()
+        sums[3] += len(y)
     total = sync.sum_over_world(sums.tolist())
     model.train()
     return total[0] / total[3], 100.0 * total[1] / total[3], 100.0 * total[2] / total[3]

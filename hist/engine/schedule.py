@@ -8,10 +8,17 @@ import math
 from ..config import Config
 
 
+def lr_scaling(cfg: Config) -> str:
+    """What `--lr-scaling auto` resolves to: linear when ranks share an epoch's data (N ranks
+    take N times the images per round, Goyal et al.), none when every rank passes all of it."""
+    if cfg.lr_scaling != "auto":
+        return cfg.lr_scaling
+    return "none" if cfg.data_split == "full" else "linear"
+
+
 def peak_lr(cfg: Config, world_size: int) -> float:
-    """The peak learning rate: `--lr`, times the process count under `--lr-scaling linear`
-    (Goyal et al.: N processes see N times the images per step, or per round)."""
-    return cfg.lr * (world_size if cfg.lr_scaling == "linear" else 1)
+    """The peak learning rate: `--lr`, times the process count under linear scaling."""
+    return cfg.lr * (world_size if lr_scaling(cfg) == "linear" else 1)
 
 
 def lr_at(step: int, total_steps: int, steps_per_epoch: int, cfg: Config, peak: float | None = None) -> float:

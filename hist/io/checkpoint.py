@@ -29,6 +29,7 @@ IDENTITY_KEYS = (
     "aggregate",
     "local_iters",
     "batch_size",
+    "data_split",
     "seed",
     "world_size",
     "synthetic_size",

@@ -180,6 +180,11 @@ class Run:
     def config(self) -> dict:
         return json.loads(self.attrs.get("config", "{}"))
 
+    @property
+    def data_split(self) -> str:
+        """The run's protocol (hist-train --data-split); files from before the option: shard."""
+        return str(self.attrs.get("data_split") or self.config.get("data_split") or "shard")
+
 
 # Attributes the report needs, with the type it needs them in.
 REQUIRED_ATTRS = {"method": str, "dataset": str, "arch": str, "world_size": int}
