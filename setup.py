@@ -7,9 +7,15 @@ setup(
     packages=find_packages(include=["hist", "hist.*"]),
     python_requires=">=3.9",
     # torch is pinned by the installer (tools/bootstrap.sh) or by the cluster's module/conda env;
-    # horovod is built from source with the C++17 fix, so it is not listed as a pip dependency here.
-    install_requires=["torch>=2.0", "numpy", "h5py", "click", "matplotlib", "mpi4py", "scipy"],
-    extras_require={"test": ["pytest"], "horovod": ["horovod[pytorch]==0.28.1"]},
+    # >= 2.3 for torch.amp.GradScaler(device) as --precision fp16 uses it. Horovod is built from
+    # source with the C++17 fix, so it is not a pip dependency; mpi4py neither: one process
+    # trains without MPI (pip install hist[distributed] for more than one).
+    install_requires=["torch>=2.3", "numpy", "h5py", "click", "matplotlib", "scipy"],
+    extras_require={
+        "test": ["pytest"],
+        "tensorboard": ["tensorboard"],
+        "distributed": ["mpi4py", "horovod[pytorch]==0.28.1"],
+    },
     entry_points={
         "console_scripts": [
             "hist-train=hist.cli:train",

@@ -22,6 +22,8 @@ STOP_SIGNALS = ("USR2", "USR1", "TERM")
 # shard: each epoch one permutation cut into disjoint per-rank shards (N ranks take 1/N of the
 # steps); full: every rank passes the whole set each epoch in its own order (the ResIST release)
 DATA_SPLITS = ("shard", "full")
+# round lengths over the run (hist.engine.rounds): fixed, post-local SGD, the quadratic rule
+ROUND_SCHEDULES = ("constant", "post-local", "qsr")
 
 # A one-process run trains the full model whatever method was asked for; it is labelled so.
 SINGLE = "single"

@@ -136,6 +136,14 @@ def _apply_preset(ctx: click.Context, param, name):
 )
 @click.option("--local-iters", default=Config.local_iters, help="Local steps per round.")
 @click.option(
+    "--round-schedule",
+    default=Config.round_schedule,
+    type=click.Choice(choices.ROUND_SCHEDULES),
+    help="Round lengths: constant (--local-iters), post-local (every step until the lr's first drop), "
+    "qsr (max(--local-iters, (alpha/lr)^2)).",
+)
+@click.option("--qsr-alpha", default=Config.qsr_alpha, help="qsr: alpha of the round length (alpha / lr)^2.")
+@click.option(
     "--data-split",
     default=Config.data_split,
     type=click.Choice(choices.DATA_SPLITS),
@@ -199,7 +207,20 @@ def _apply_preset(ctx: click.Context, param, name):
     help="IST: move blocks while the shared-parameter allreduce is in flight.",
 )
 @click.option("--device", default=Config.device, type=click.Choice(choices.DEVICES))
+@click.option(
+    "--share-gpus", is_flag=True, help="Allow several ranks on one GPU (otherwise refused: one rank per GPU)."
+)
 @click.option("--threads", default=Config.threads, help="Torch threads per process (0 = default).")
+@click.option(
+    "--log-every",
+    default=Config.log_every,
+    help="Seconds between progress lines (a bar on a terminal); 0 = none.",
+)
+@click.option(
+    "--tensorboard",
+    type=click.Path(path_type=str),
+    help="Folder for TensorBoard scalars (rank 0); the timing file stays the record.",
+)
 @click.option("--out", type=click.Path(path_type=str), help="Timing file [default: runs/<method>-<dataset>-np<N>.h5].")
 @user_errors("hist-train")
 def train(dataset, **options):
@@ -225,9 +246,10 @@ def train(dataset, **options):
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["table", "json", "paper"]),
+    type=click.Choice(["table", "json", "paper", "epochs"]),
     default="table",
-    help="paper: the published layout (a row per method, a column per process count), Markdown.",
+    help="paper: the published layout (a row per method, a column per process count), Markdown; "
+    "epochs: each run's test accuracy at every evaluation, a column per epoch, Markdown.",
 )
 @click.option(
     "--oversubscribed-above",
@@ -254,6 +276,8 @@ def report(paths, output, fmt, oversubscribed_above, target_accuracy, merge, no_
         click.echo(json.dumps(rows, indent=2))  # the table only: one object per group
     elif fmt == "paper":
         click.echo(rep.format_paper_table(rows, notes, oversubscribed_above))
+    elif fmt == "epochs":
+        click.echo(rep.format_epoch_table(runs, notes))
     else:
         click.echo(rep.format_table(rows, notes))
         if proj is not None:

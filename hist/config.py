@@ -15,6 +15,7 @@ from .choices import (
     METHODS,
     OPTIMIZER_STATES,
     PRECISIONS,
+    ROUND_SCHEDULES,
     SCHEDULES,
     SHARED_PRECISIONS,
     STOP_SIGNALS,
@@ -57,6 +58,10 @@ class Config:
     outer_momentum: float = 0.0  # ist/local-sgd: Nesterov momentum of the outer step (DiLoCo: 0.9; 0 = none)
     warmup_local_sgd_epochs: float = 0.0  # ist: local SGD on the full model for this many epochs before IST starts
     local_iters: int = 50  # local steps between aggregations (one round); logging granularity for dp
+    round_schedule: str = "constant"  # constant: rounds of local_iters | post-local: 1-step rounds until the lr's first drop (half the run), then local_iters | qsr: max(local_iters, (qsr_alpha / lr)^2)
+    qsr_alpha: float = (
+        0.1  # qsr: round length floor((alpha / lr)^2) once it exceeds local_iters (at lr 0.01: 100 steps)
+    )
     data_split: str = "shard"  # shard: each epoch cut into disjoint per-rank shards (N ranks take 1/N of the steps) | full: every rank passes the whole set each epoch in its own order (the ResIST release)
     epochs: float = (
         1.0  # epochs of one rank's data (--data-split): the schedule, warm-up and every *-epochs option count these
@@ -91,7 +96,10 @@ class Config:
     )
     overlap: bool = True  # IST: block transfers run while the shared-parameter allreduce is in flight
     device: str = "auto"  # auto (the local rank's GPU if CUDA works, else CPU) | cpu | cuda
+    share_gpus: bool = False  # allow more ranks than GPUs on a node (tests, a 1-GPU box); refused otherwise
     threads: int = 0  # torch intra-op threads per process (0 = torch's default)
+    log_every: float = 30.0  # rank 0: a progress line at most every this many seconds (a bar on a terminal); 0 = none
+    tensorboard: str | None = None  # rank 0 writes TensorBoard scalars here (the timing file stays the record)
     out: str | None = None  # timing file (default: runs/<method>-<dataset>-np<N>[-<jobid>].h5)
     plan_check_every: int = 10  # rounds between cross-rank checks of the plan digest
 
@@ -109,6 +117,8 @@ class Config:
             _one_of("--precision", self.precision, PRECISIONS),
             _one_of("--block-transport", self.block_transport, BLOCK_TRANSPORTS),
             _one_of("--data-split", self.data_split, DATA_SPLITS),
+            _one_of("--round-schedule", self.round_schedule, ROUND_SCHEDULES),
+            (self.qsr_alpha > 0, f"--qsr-alpha {self.qsr_alpha} must be positive"),
             (self.lr > 0, f"--lr {self.lr} must be positive"),
             (self.outer_lr > 0, f"--outer-lr {self.outer_lr} must be positive"),
             (0 <= self.outer_momentum < 1, f"--outer-momentum {self.outer_momentum} must be in [0, 1)"),
@@ -122,6 +132,7 @@ class Config:
                 f"--crop {self.crop} must be positive and at most --eval-resize {self.eval_resize}",
             ),
             (self.workers >= 0, f"--workers {self.workers} must not be negative"),
+            (self.log_every >= 0, f"--log-every {self.log_every} must not be negative (0 turns progress lines off)"),
             (self.local_iters > 0, f"--local-iters {self.local_iters} must be at least 1"),
             (self.epochs > 0, f"--epochs {self.epochs} must be positive"),
             (self.width > 0, f"--width {self.width} must be positive"),

@@ -22,12 +22,16 @@ import torch
 
 from . import data as datasets
 from .choices import FOLDER_DATASETS, run_label
-from .comm import Synchroniser, connect, resolve_block_transport
+from .comm import Synchroniser, connect
 from .config import Config
 from .data.order import images_per_rank
 from .engine import Result, StopFlag, lr_scaling, peak_lr, train
+from .engine.precision import check_supported
+from .engine.progress import Progress
+from .engine.rounds import round_starts, rounds_before
 from .errors import CollectiveError, HistError
 from .io import checkpoint as ckpt
+from .io.fanout import Fanout
 from .io.runlock import RunLock
 from .io.timings import TimingWriter
 from .methods import build_method
@@ -37,11 +41,17 @@ from .world import world_info_from_env
 
 
 def resolve_device(choice: str, local_rank: int) -> torch.device:
+    """The local rank's device, made the current one before Horovod or MPI start (so their
+    contexts, CUDA events and streams live on it, not on GPU 0)."""
     if choice == "cpu":
         return torch.device("cpu")
     usable = torch.cuda.is_available() and torch.cuda.device_count() > 0
     if usable:
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
+        # Two ranks given one GPU here (more local ranks than visible GPUs) are found once
+        # the ranks can compare placements: check_gpu_placement, after MPI starts.
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        return device
     if choice == "cuda":
         raise HistError("--device cuda but no usable CUDA device; use --device cpu or auto")
     if os.environ.get("CUDA_VISIBLE_DEVICES"):
@@ -50,6 +60,35 @@ def resolve_device(choice: str, local_rank: int) -> torch.device:
             f"usable here; training on the CPU"
         )
     return torch.device("cpu")
+
+
+def gpu_identity(device: torch.device) -> str | None:
+    """What names this rank's GPU on its host across CUDA_VISIBLE_DEVICES views (its UUID)."""
+    if device.type != "cuda":
+        return None
+    uuid = getattr(torch.cuda.get_device_properties(device), "uuid", None)
+    return str(uuid) if uuid is not None else f"index {device.index}"
+
+
+def check_gpu_placement(placements: list[tuple[str, str | None]], share: bool) -> None:
+    """`placements[r]` = (host, GPU) of rank r. Two ranks on one GPU are refused unless sharing
+    is asked for: NCCL would refuse the duplicate device at the first collective with an
+    internal error, and two ranks on one GPU halve each other's speed."""
+    ranks: dict[tuple[str, str], list[int]] = {}
+    for rank, (host, gpu) in enumerate(placements):
+        if gpu is not None:
+            ranks.setdefault((host, gpu), []).append(rank)
+    crowded = {k: v for k, v in ranks.items() if len(v) > 1}
+    if crowded and not share:
+        (host, _), shared = next(iter(crowded.items()))
+        per_host = {}
+        for h, g in ranks:
+            per_host[h] = per_host.get(h, 0) + 1
+        raise HistError(
+            f"ranks {', '.join(map(str, shared))} share one GPU on {host}: {sum(len(v) for (h, _), v in ranks.items() if h == host)} "
+            f"ranks there, {per_host[host]} GPU(s) visible to them; launch at most one rank per GPU "
+            f"(srun --gpus-per-task=1 or --ntasks-per-node=<GPUs>), or pass --share-gpus if sharing is intended"
+        )
 
 
 def default_out(cfg: Config, world_size: int) -> Path:
@@ -98,7 +137,6 @@ class Checked:
     out: Path
     checkpoint: Path
     device: torch.device
-    block_transport: str  # what --block-transport resolves to here: host or device
 
 
 def check_options(cfg: Config, world_size: int, local_rank: int) -> Checked:
@@ -124,7 +162,8 @@ def check_options(cfg: Config, world_size: int, local_rank: int) -> Checked:
     check_writable(out)
     checkpoint = Path(cfg.checkpoint) if cfg.checkpoint else out.with_suffix(".ckpt.pt")
     device = resolve_device(cfg.device, local_rank)
-    return Checked(subnets, out, checkpoint, device, resolve_block_transport(cfg.block_transport, device))
+    check_supported(cfg.precision, device)
+    return Checked(subnets, out, checkpoint, device)
 
 
 def load_data(cfg: Config, world_size: int):
@@ -174,8 +213,8 @@ def load_resume_state(cfg: Config, checked: Checked, identity: dict) -> dict | N
         raise CollectiveError(str(e)) from None
 
 
-def open_recorder(cfg, sync, checked, device, train_data, test_data, resume_state, hosts) -> TimingWriter | None:
-    """Phase 4: rank 0 creates (or continues) the timing file."""
+def open_recorder(cfg, sync, checked, device, train_data, test_data, resume_state, hosts) -> Fanout | None:
+    """Phase 4: rank 0 creates (or continues) the timing file, and the TensorBoard view of it."""
     recorder, error = None, None
     if sync.rank == 0:
         meta = {
@@ -195,10 +234,15 @@ def open_recorder(cfg, sync, checked, device, train_data, test_data, resume_stat
             "data_split": cfg.data_split,
             "lr_scaling": lr_scaling(cfg),
             "peak_lr": peak_lr(cfg, sync.size),
-            "block_transport": checked.block_transport,
+            "block_transport": sync.block_transport,
         }
         try:
-            recorder = TimingWriter(checked.out, meta, sync.size, resume_state["round"] if resume_state else 0)
+            start = resume_state["round"] if resume_state else 0
+            recorder = Fanout(TimingWriter(checked.out, meta, sync.size, start))
+            if cfg.tensorboard:
+                from .io.tensorboard import TensorBoardWriter  # only when asked for
+
+                recorder.writers.append(TensorBoardWriter(Path(cfg.tensorboard), cfg.as_dict(), cfg.batch_size, start))
         except HistError as e:
             error = e
     agree(sync, error, "rank 0 could not create the timing file")
@@ -238,6 +282,7 @@ def run_training(cfg: Config) -> Result:
     checked = check_options(cfg, world.size, world.local_rank)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    datasets.Meter.enabled = world.rank == 0  # long waits (a folder's first index, a download) on rank 0 only
     train_split, test_split = load_data(cfg, world.size)
     stop = StopFlag(cfg.stop_signal)
     stop.install()  # before MPI starts, so an early SIGTERM is not lost
@@ -248,8 +293,13 @@ def run_training(cfg: Config) -> Result:
         world.size,
         cycle_time_ms=50 if on_cpu else None,
         yield_when_idle=on_cpu,
-        block_transport=checked.block_transport,
+        block_transport=cfg.block_transport,
+        device=checked.device,
     )
+    try:  # every rank holds the same list, so every rank decides alike
+        check_gpu_placement(sync.allgather((world.host, gpu_identity(checked.device))), cfg.share_gpus)
+    except HistError as e:
+        raise CollectiveError(str(e)) from None
     options_digest = hashlib.sha256(json.dumps(cfg.as_dict(), sort_keys=True).encode()).digest()
     sync.check_same(int.from_bytes(options_digest[:7], "little"), "options")
     lock = claim_outputs(sync, checked)
@@ -268,12 +318,15 @@ def run_training(cfg: Config) -> Result:
     train_data, test_data = build_loaders(cfg, train_split, test_split, device, sync.rank, sync.size)
     train_data.memory_format = test_data.memory_format = layout
     peak = peak_lr(cfg, sync.size)
-    method = build_method(cfg, model, sync, train_data.steps_per_epoch, peak)
+    starts = round_starts(cfg, train_data.steps_per_epoch, peak)
+    warm_rounds = rounds_before(starts, cfg.warmup_local_sgd_epochs * train_data.steps_per_epoch)
+    method = build_method(cfg, model, sync, peak, warm_rounds)
     recorder = open_recorder(
         cfg, sync, checked, device, train_data, test_data, resume_state, sync.allgather(world.host)
     )
     save = functools.partial(ckpt.save, checked.checkpoint) if sync.rank == 0 else None
-    log = print if sync.rank == 0 else (lambda *a, **k: None)
+    progress = Progress(cfg.log_every, len(starts) - 1, cfg.epochs) if sync.rank == 0 else None
+    log = progress.write if progress is not None else (lambda *a, **k: None)
     log(
         f"hist-train {cfg.method} on {cfg.dataset}: {sync.size} process(es), {checked.subnets} subnetwork(s), "
         f"{cfg.arch} width {cfg.width}, data split {cfg.data_split}, device {device}, {cfg.precision}"
@@ -283,19 +336,51 @@ def run_training(cfg: Config) -> Result:
         log(f"resuming from {checked.checkpoint}")
     try:
         result = train(
-            cfg, model, method, sync, train_data, test_data, peak, recorder, save, log, stop, resume_state, identity
+            cfg,
+            model,
+            method,
+            sync,
+            train_data,
+            test_data,
+            peak,
+            recorder,
+            save,
+            log,
+            stop,
+            resume_state,
+            identity,
+            progress,
         )
     finally:
         for loader in (train_data, test_data):
             getattr(loader, "close", lambda: None)()  # the streaming loader's decoding processes
+        if progress is not None:
+            progress.close()
     if recorder is not None:
         recorder.finish("interrupted" if result.stopped_early else "completed", result.wall_s)
     if lock is not None:
         lock.release()
     if not result.stopped_early:
-        log(
-            f"final test accuracy {result.final_accuracy:.2f}% (top-5 {result.final_top5:.2f}%) "
-            f"test loss {result.final_loss:.4f} "
-            f"wall {result.wall_s:.1f}s"
-        )
+        for line in summary(result, checked, cfg.tensorboard):
+            log(line)
     return result
+
+
+def summary(result: Result, checked: Checked, tensorboard: str | None) -> list[str]:
+    """The end-of-run block: accuracy, speed, communication, where the files are, what next."""
+    t = result.totals
+    lines = [
+        f"final test accuracy {result.final_accuracy:.2f}% (top-5 {result.final_top5:.2f}%) "
+        f"test loss {result.final_loss:.4f} wall {result.wall_s:.1f}s"
+    ]
+    if t["rounds"]:
+        lines.append(
+            f"  speed      {t['images'] / max(t['busy_s'], 1e-9):.0f} training images/s (all ranks), "
+            f"sync {100 * t['sync_s'] / max(t['busy_s'], 1e-9):.1f}% of a round, "
+            f"{t['bytes'] / t['rounds'] / 1e6:.2f} MB sent per round (all ranks)"
+        )
+    lines += [f"  timings    {checked.out}", f"  checkpoint {checked.checkpoint}"]
+    if tensorboard:
+        lines.append(f"  live view  tensorboard --logdir {tensorboard}")
+    lines.append(f"  figures    hist-report {checked.out} -o {checked.out.with_suffix('')}-report")
+    return lines

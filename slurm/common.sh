@@ -14,6 +14,10 @@
 # from a parallel file system is slow: HIST_STAGE=/shared/imagenet.tar (a tar holding train/ and
 # val/ at its top) is unpacked once per node onto node-local disk (HIST_STAGE_DIR, default
 # $TMPDIR or /tmp) before training, and the run reads it from there.
+# CPUs: since Slurm 22.05 srun no longer inherits --cpus-per-task from sbatch, so each task
+# would be bound to one core while it starts its decoding workers; the srun line passes it on.
+# HIST_GPU_BIND=closest adds --gpu-bind=closest (each task on the GPU nearest its CPUs) where
+# the site's GPU binding allows it.
 # Arguments after the template name go to hist-train: sbatch slurm/ist_2gpu.sbatch --epochs 2
 
 hist_slurm_run() {
@@ -27,14 +31,19 @@ hist_slurm_run() {
   if [ -n "${HIST_STAGE:-}" ]; then
     data="${HIST_STAGE_DIR:-${TMPDIR:-/tmp}}/hist-data-$job"
     # One task per node unpacks the archive; a requeued job (same id) finds it already there.
+    # The first node says how far it is, every ~100 MB (GNU tar's checkpoints), against the size.
+    local size
+    size=$(du -h "$HIST_STAGE" 2>/dev/null | cut -f1 || true)
     stage=(srun --ntasks-per-node=1 --ntasks="${SLURM_JOB_NUM_NODES:-1}" --kill-on-bad-exit=1 bash -c
-           "mkdir -p '$data' && { [ -f '$data/.staged' ] || { tar -xf '$HIST_STAGE' -C '$data' && touch '$data/.staged'; }; }")
+           "mkdir -p '$data' && { [ -f '$data/.staged' ] || { p=(); [ \"\${SLURM_NODEID:-0}\" = 0 ] && p=(--checkpoint=10000 --checkpoint-action=echo='hist: staging %T of ${size:-?}'); tar -xf '$HIST_STAGE' -C '$data' \"\${p[@]}\" && touch '$data/.staged'; }; }")
   fi
   local tag=$method
   [ "$ntasks" = 1 ] && tag=single
   # The job id names the file, so a requeued job (same id) continues the same file.
   local out="$out_dir/${tag}-${dataset}-np${ntasks}-${job}.h5"
-  local cmd=(srun --mpi=pmix --kill-on-bad-exit=1 hist-train "$dataset" --method "$method"
+  local cmd=(srun --mpi=pmix --kill-on-bad-exit=1 --cpus-per-task="$OMP_NUM_THREADS")
+  [ -n "${HIST_GPU_BIND:-}" ] && cmd+=(--gpu-bind="$HIST_GPU_BIND")
+  cmd+=(hist-train "$dataset" --method "$method"
              --threads "$OMP_NUM_THREADS" --workers "$workers" --stop-signal "${HIST_STOP_SIGNAL:-USR2}"
              --out "$out" --resume)
   [ -n "$data" ] && cmd+=(--data-dir "$data")

@@ -61,21 +61,44 @@ def test_phase_clock_attributes_time_to_phases_on_the_cpu():
     assert phases["data"] == pytest.approx(0.04, abs=0.015) and phases["compute"] == pytest.approx(0.04, abs=0.015)
 
 
-def test_block_transport_resolves_per_device_and_refuses_device_without_cuda_aware_mpi(monkeypatch):
+def test_block_transport_resolves_per_device_and_refuses_device_without_cuda_aware_mpi():
     for choice in ("auto", "host", "device"):  # host memory is the CPU's device memory
-        assert resolve_block_transport(choice, torch.device("cpu")) == "host"
-    # A GPU is not needed to decide: HIST_CUDA_AWARE_MPI stands in for what MPI reports.
-    monkeypatch.setenv("HIST_CUDA_AWARE_MPI", "0")
-    assert resolve_block_transport("auto", torch.device("cuda")) == "host"
+        assert resolve_block_transport(choice, torch.device("cpu"), aware=False) == "host"
+    # A GPU is not needed to decide (no GPU here): the agreed answer is an argument.
+    assert resolve_block_transport("auto", torch.device("cuda"), aware=False) == "host"
     with pytest.raises(HistError, match="CUDA-aware MPI"):
-        resolve_block_transport("device", torch.device("cuda"))
-    monkeypatch.setenv("HIST_CUDA_AWARE_MPI", "1")
-    assert resolve_block_transport("auto", torch.device("cuda")) == "device"
-    assert resolve_block_transport("host", torch.device("cuda")) == "host"
+        resolve_block_transport("device", torch.device("cuda"), aware=False)
+    assert resolve_block_transport("auto", torch.device("cuda"), aware=True) == "device"
+    assert resolve_block_transport("host", torch.device("cuda"), aware=True) == "host"
 
 
-def test_this_open_mpi_is_asked_whether_it_is_cuda_aware(monkeypatch):
-    from hist.comm import cuda_aware_mpi
+def test_the_loaded_open_mpi_is_asked_at_run_time_whether_it_is_cuda_aware(monkeypatch):
+    import subprocess
+    import sys
 
     monkeypatch.delenv("HIST_CUDA_AWARE_MPI", raising=False)
-    assert cuda_aware_mpi() is False  # Debian's Open MPI is built without CUDA
+    # In a fresh process, after MPI_Init: the libmpi mpi4py loaded, and its MPIX_Query_cuda_support.
+    code = (
+        "from mpi4py import MPI; from hist.comm import cuda_aware_mpi, loaded_mpi_library; "
+        "print(loaded_mpi_library()); print(cuda_aware_mpi())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout.split()
+    assert "libmpi.so" in out[0]
+    assert out[1] == "False"  # Debian's Open MPI is built without CUDA
+    monkeypatch.setenv("HIST_CUDA_AWARE_MPI", "1")
+    from hist.comm import cuda_aware_mpi
+
+    assert cuda_aware_mpi() is True  # the override wins
+
+
+def test_two_ranks_on_one_gpu_are_refused_unless_sharing_is_asked_for():
+    from hist.launch import check_gpu_placement
+
+    # (host, GPU) per rank, as the ranks gather them after MPI starts (no GPU here: the list
+    # is what a 2-GPU node with 3 ranks would report; the gather itself runs in every MPI test).
+    crowded = [("n1", "GPU-a"), ("n1", "GPU-b"), ("n1", "GPU-a"), ("n2", "GPU-a")]
+    with pytest.raises(HistError, match=r"ranks 0, 2 share one GPU on n1: 3 ranks there, 2 GPU\(s\).*--share-gpus"):
+        check_gpu_placement(crowded, share=False)
+    check_gpu_placement(crowded, share=True)
+    check_gpu_placement([("n1", "GPU-a"), ("n1", "GPU-b"), ("n2", "GPU-a")], share=False)  # one each
+    check_gpu_placement([("n1", None), ("n1", None)], share=False)  # CPU ranks share nothing

@@ -223,3 +223,13 @@ def test_files_from_before_the_option_read_as_sharded(runs_dir):
     rows, notes = summarise(load_runs([runs_dir]))
     assert {r["data_split"] for r in rows if r["world_size"] > 1} == {"shard"}
     assert notes[0].startswith("data split: shard")
+
+
+def test_epoch_table_gives_each_runs_accuracy_per_evaluation(runs_dir):
+    proc = subprocess.run(
+        [BIN / "hist-report", runs_dir, "--format", "epochs", "--no-figures"], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "| run | 1 | 2 |"  # write_run evaluates after epochs 1.0 and 2.0
+    assert "| single np1 | 50.00 | 80.00 |" in lines and "| dp (shard) np2 | 40.00 | 70.00 |" in lines

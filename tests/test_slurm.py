@@ -29,7 +29,10 @@ CASES = {  # golden file -> (template, nodes, tasks)
     "imagenet_2x4_staged": ("ist_8gpu.sbatch", 2, 8),
 }
 # Image folders on a parallel file system: unpacked to node-local disk first.
-EXTRA_ENV = {"imagenet_2x4_staged": {"DATASET": "imagenet", "HIST_STAGE": "/shared/imagenet.tar", "TMPDIR": "/local"}}
+EXTRA_ENV = {
+    "imagenet_2x4_staged": {"DATASET": "imagenet", "HIST_STAGE": "/shared/imagenet.tar", "TMPDIR": "/local"},
+    "ist_8gpu_2x4": {"HIST_GPU_BIND": "closest"},  # where the site's GPU binding allows it
+}
 
 
 def dry_run(template, nodes, tasks, method, **extra):

@@ -32,18 +32,41 @@ def _variant(tmp_path, **env):
     return run(["bash", ROOT / "tools" / "bootstrap.sh", "--print-variant"], HIST_VENV=BIN.parent, **env).stdout.split()
 
 
-def test_installer_builds_the_nccl_variant_only_where_cuda_is(tmp_path):
-    # This machine's torch is the CPU wheel (torch.version.cuda is None): the CPU build.
-    key, ops = _variant(tmp_path)
-    assert key.endswith("-cpu") and ops == "gpu_operations="
-    # A CUDA torch cannot be installed here: HIST_TORCH_CUDA stands in for torch.version.cuda
-    # (a mock, said so in bootstrap.sh), with an nvcc on the PATH ...
-    fake = tmp_path / "fake-cuda-bin"
-    fake.mkdir()
-    (fake / "nvcc").write_text("#!/bin/sh\necho nvcc\n")
-    (fake / "nvcc").chmod(0o755)
-    key, ops = _variant(tmp_path, HIST_TORCH_CUDA="12.4", PATH=f"{fake}:/usr/bin:/bin", CUDA_HOME=str(tmp_path))
-    assert key.endswith("-cuda12.4-nccl") and ops == "gpu_operations=NCCL"
+def fake_cuda_tree(tmp_path, nccl="pip"):
+    """A toolchain that cannot be installed here (a mock, said so): an nvcc that prints its
+    release, under CUDA_HOME only, and NCCL where pip's nvidia-nccl-cu12 puts it."""
+    cuda = tmp_path / "cuda"
+    (cuda / "bin").mkdir(parents=True)
+    (cuda / "bin" / "nvcc").write_text("#!/bin/sh\necho 'Cuda compilation tools, release 12.4, V12.4.131'\n")
+    (cuda / "bin" / "nvcc").chmod(0o755)
+    site = tmp_path / "site"
+    if nccl == "pip":  # nvidia/nccl is a namespace package: lib/libnccl.so.2 and include/nccl.h, no __init__
+        home = site / "nvidia" / "nccl"
+        (home / "lib").mkdir(parents=True)
+        (home / "include").mkdir()
+        (home / "lib" / "libnccl.so.2").write_bytes(b"")
+        (home / "include" / "nccl.h").write_text("")
+    return dict(HIST_TORCH_CUDA="12.4", PATH="/usr/bin:/bin", CUDA_HOME=str(cuda), PYTHONPATH=str(site))
+
+
+def test_installer_builds_the_nccl_variant_only_where_cuda_nvcc_and_nccl_are(tmp_path):
+    # This machine's torch is the CPU wheel (torch.version.cuda is None): the CPU build, keyed by its MPI.
+    key, ops, *_ = _variant(tmp_path)
+    assert key.endswith("-cpu-open-mpi-4.1.4") and ops == "gpu_operations="
+    # torch with CUDA (HIST_TORCH_CUDA stands in for torch.version.cuda), nvcc in $CUDA_HOME only,
+    # NCCL from pip: NCCL, and the key names nvcc's release and the MPI.
+    out = _variant(tmp_path, **fake_cuda_tree(tmp_path))
+    assert out[0].endswith("-cuda12.4-nvcc12.4-nccl-open-mpi-4.1.4") and out[1] == "gpu_operations=NCCL"
+    assert out[2] == f"nccl={tmp_path}/site/nvidia/nccl" and out[3] == f"nvcc={tmp_path}/cuda/bin/nvcc"
+    # ... without NCCL anywhere: the CPU build, and the one line that says why.
+    proc = run(
+        ["bash", ROOT / "tools" / "bootstrap.sh", "--print-variant"],
+        HIST_VENV=BIN.parent,
+        **fake_cuda_tree(tmp_path / "b", nccl=None),
+    )
+    assert proc.stdout.split()[0].endswith("-cpu-open-mpi-4.1.4")
+    assert "NCCL was not found: pip install nvidia-nccl-cu12 or set HOROVOD_NCCL_HOME" in proc.stdout
     # ... and without nvcc anywhere, Horovod cannot build its CUDA kernels: the CPU build again.
-    key, _ = _variant(tmp_path, HIST_TORCH_CUDA="12.4", PATH="/usr/bin:/bin", CUDA_HOME=str(tmp_path))
-    assert key.endswith("-cpu")
+    env = {**fake_cuda_tree(tmp_path / "c"), "CUDA_HOME": str(tmp_path / "none")}
+    key, *_ = _variant(tmp_path, **env)
+    assert key.endswith("-cpu-open-mpi-4.1.4")

@@ -2,12 +2,14 @@
 # Installs everything hist needs, each piece only once, so that `make demo` and
 # `make test` work on a fresh Debian 12 machine and start in seconds afterwards.
 #   system (apt, root): Open MPI, HDF5 tools, Slurm + munge (for the Slurm tests)
-#   $HIST_VENV (default .venv): torch, mpi4py, numpy, h5py, click, matplotlib, horovod, hist
+#   $HIST_VENV (default .venv): torch, mpi4py, numpy, h5py, click, matplotlib, tensorboard, horovod, hist
 #   $HIST_CACHE (default ~/.cache/hist): the Horovod wheel, built once per
 #     (Horovod, torch, Python, build variant) because its build takes ~9 minutes on 2 cores.
-#     The variant is `cpu` (MPI and Gloo), or `cuda<version>-nccl` where CUDA is present (torch
-#     built with CUDA and nvcc found): then Horovod is built with HOROVOD_GPU_OPERATIONS=NCCL so
-#     GPU tensors are reduced by NCCL on the device. HOROVOD_GPU_OPERATIONS set by you wins.
+#     The variant is `cpu-<mpi>` (MPI and Gloo), or `cuda<v>-nvcc<v>-nccl-<mpi>` where CUDA is
+#     present (torch built with CUDA, nvcc on PATH or in $CUDA_HOME, NCCL found: pip's
+#     nvidia-nccl-cu*, $HOROVOD_NCCL_HOME, the CUDA tree or /usr): then Horovod is built with
+#     HOROVOD_GPU_OPERATIONS=NCCL, pointed at that NCCL and nvcc, so GPU tensors are reduced by
+#     NCCL on the device. HOROVOD_GPU_OPERATIONS set by you wins.
 # On a cluster, inside an activated conda env or module environment:
 #   tools/bootstrap.sh --horovod-only   builds/installs Horovod (and hist) into that Python only.
 #   tools/bootstrap.sh --print-variant  prints the wheel key this machine would build, and stops.
@@ -28,21 +30,56 @@ if [ "${1:-}" = "--horovod-only" ]; then
   torch_version=$(python -c 'import torch; print(torch.__version__.split("+")[0])')
 fi
 
-# The Horovod build this machine needs: NCCL for GPU tensors where torch has CUDA and nvcc exists.
-# (HIST_TORCH_CUDA stands in for torch.version.cuda; the tests use it on this CPU-only machine.)
-gpu_operations() {
-  if [ -n "${HOROVOD_GPU_OPERATIONS:-}" ]; then echo "$HOROVOD_GPU_OPERATIONS"; return; fi
-  local cuda=${HIST_TORCH_CUDA-$("$venv/bin/python" -c 'import torch; print(torch.version.cuda or "")' 2>/dev/null)}
-  if [ -n "$cuda" ] && { command -v nvcc >/dev/null || [ -x "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" ]; }; then
-    echo NCCL
+# The Horovod build this machine needs: NCCL for GPU tensors where torch has CUDA, nvcc exists
+# and NCCL itself is found. (HIST_TORCH_CUDA stands in for torch.version.cuda; the tests use it,
+# and a fake toolchain tree, on this CPU-only machine.)
+torch_cuda() { echo "${HIST_TORCH_CUDA-$("$venv/bin/python" -c 'import torch; print(torch.version.cuda or "")' 2>/dev/null)}"; }
+# nvcc on PATH, else under $CUDA_HOME (Horovod itself only looks at HOROVOD_CUDA_HOME and PATH).
+find_nvcc() {
+  if command -v nvcc >/dev/null; then command -v nvcc
+  elif [ -x "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" ]; then echo "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc"
   fi
 }
+nvcc_version() { "$1" --version 2>/dev/null | sed -n 's/.*release \([0-9.]*\).*/\1/p' | head -n1; }
+# NCCL's home (lib/ and include/): HOROVOD_NCCL_HOME, pip's nvidia-nccl-cu* (all pip torch has),
+# then the CUDA tree and the system's library folders.
+find_nccl() {
+  if [ -n "${HOROVOD_NCCL_HOME:-}" ]; then echo "$HOROVOD_NCCL_HOME"; return; fi
+  local d
+  d=$("$venv/bin/python" -c 'import nvidia.nccl as n; print(list(n.__path__)[0])' 2>/dev/null || true)
+  for home in "$d" "${CUDA_HOME:-/usr/local/cuda}" /usr; do
+    [ -n "$home" ] || continue
+    for lib in lib lib64 lib/x86_64-linux-gnu; do
+      if ls "$home/$lib"/libnccl.so* >/dev/null 2>&1 && [ -f "$home/include/nccl.h" ]; then echo "$home"; return; fi
+    done
+  done
+}
+# The MPI Horovod is built against, as a key part: "open-mpi-4.1.4".
+mpi_id() {
+  local v
+  v=$(mpirun --version 2>/dev/null | head -n1 || true)
+  v=$(echo "${v,,}" | sed -E 's/^mpirun *//; s/[^a-z0-9.]+/-/g; s/^-+|-+$//g')
+  echo "${v:-nompi}"
+}
+gpu_operations() {
+  if [ -n "${HOROVOD_GPU_OPERATIONS:-}" ]; then echo "$HOROVOD_GPU_OPERATIONS"; return; fi
+  if [ -n "$(torch_cuda)" ] && [ -n "$(find_nvcc)" ] && [ -n "$(find_nccl)" ]; then echo NCCL; fi
+}
+# Why a CUDA machine gets the CPU build, if it does: one line for the user.
+why_not_nccl() {
+  local cuda
+  cuda=$(torch_cuda)
+  [ -n "$cuda" ] || return 0
+  [ -n "$(find_nvcc)" ] || { echo "torch has CUDA $cuda but no nvcc is on PATH or in \$CUDA_HOME/bin"; return 0; }
+  [ -n "$(find_nccl)" ] || echo "torch has CUDA $cuda but NCCL was not found: pip install nvidia-nccl-cu${cuda%%.*} or set HOROVOD_NCCL_HOME"
+  return 0
+}
 wheel_variant() {
-  local ops cuda
+  local ops nvcc
   ops=$(gpu_operations)
-  if [ -z "$ops" ]; then echo cpu; return; fi
-  cuda=${HIST_TORCH_CUDA-$("$venv/bin/python" -c 'import torch; print(torch.version.cuda or "")' 2>/dev/null)}
-  echo "cuda${cuda}-${ops,,}"
+  if [ -z "$ops" ]; then echo "cpu-$(mpi_id)"; return; fi
+  nvcc=$(find_nvcc)
+  echo "cuda$(torch_cuda)-nvcc$(nvcc_version "$nvcc")-${ops,,}-$(mpi_id)"
 }
 wheel_key() {
   local pyver
@@ -50,7 +87,8 @@ wheel_key() {
   echo "horovod-$horovod_version-torch-$torch_version-$pyver-$(wheel_variant)"
 }
 if [ "${1:-}" = "--print-variant" ]; then
-  echo "$(wheel_key) gpu_operations=$(gpu_operations)"
+  echo "$(wheel_key) gpu_operations=$(gpu_operations) nccl=$(find_nccl) nvcc=$(find_nvcc)"
+  why=$(why_not_nccl); [ -z "$why" ] || echo "cpu build because: $why"
   exit 0
 fi
 
@@ -83,7 +121,7 @@ create_venv() {
   "$venv/bin/pip" install -q --upgrade pip wheel setuptools
   # torch pinned: here it resolves to the local CPU wheel; an unpinned torch pulls CUDA builds.
   "$venv/bin/pip" install -q "torch==$torch_version" numpy h5py click matplotlib scipy pytest ruff \
-    cloudpickle psutil pyyaml packaging cffi
+    cloudpickle psutil pyyaml packaging cffi tensorboard
   # mpi4py compiled against the system Open MPI (the one Horovod and mpirun use).
   "$venv/bin/python" -c "import mpi4py" 2>/dev/null || \
     MPICC=mpicc "$venv/bin/pip" install -q --no-binary mpi4py mpi4py
@@ -94,9 +132,13 @@ horovod_wheel() {
   key=$(wheel_key)
   ops=$(gpu_operations)
   dir="$cache/wheels/$key"
-  # Wheels cached before the key named its variant were CPU builds: adopt them.
-  legacy="$cache/wheels/${key%-cpu}"
-  if [ "$key" != "${key%-cpu}" ] && [ -d "$legacy" ] && [ ! -d "$dir" ]; then mv "$legacy" "$dir"; fi
+  # CPU wheels cached before the key named the MPI (".../-cpu") or the variant were built
+  # against this machine's system MPI: adopt them.
+  if [ "$key" != "${key%-cpu-*}" ] && [ ! -d "$dir" ]; then
+    for legacy in "$cache/wheels/${key%-*}" "$cache/wheels/${key%-cpu-*}"; do
+      if [ -d "$legacy" ]; then mv "$legacy" "$dir"; break; fi
+    done
+  fi
   if ! ls "$dir"/horovod-*.whl >/dev/null 2>&1; then
     say "building Horovod $horovod_version for torch $torch_version, variant $(wheel_variant) (about 9 minutes on 2 cores, once)"
     src=$(mktemp -d)
@@ -109,7 +151,19 @@ horovod_wheel() {
     grep -q 'CMAKE_CXX_STANDARD 17' "$src/horovod-$horovod_version/CMakeLists.txt" || {
       say "could not raise the C++ standard in Horovod's CMakeLists.txt"; exit 1; }
     mkdir -p "$dir.tmp"
-    env ${ops:+HOROVOD_GPU_OPERATIONS=$ops} \
+    local why nccl nvcc gpu_env=()
+    why=$(why_not_nccl); [ -z "$why" ] || say "building without NCCL: $why"
+    if [ "$ops" = NCCL ]; then
+      nccl=$(find_nccl) nvcc=$(find_nvcc)
+      # Horovod's FindNCCL misses pip's libnccl.so.2 and nvcc outside PATH: name both.
+      gpu_env=(HOROVOD_NCCL_HOME="$nccl" HOROVOD_NCCL_INCLUDE="$nccl/include" HOROVOD_CUDA_HOME="$(dirname "$(dirname "$nvcc")")")
+      for lib in lib lib64 lib/x86_64-linux-gnu; do
+        if ls "$nccl/$lib"/libnccl.so* >/dev/null 2>&1; then gpu_env+=(HOROVOD_NCCL_LIB="$nccl/$lib"); break; fi
+      done
+      # pip ships only libnccl.so.2: the linker looks for libnccl.so.
+      [ -e "${gpu_env[-1]#HOROVOD_NCCL_LIB=}/libnccl.so" ] || ln -sf libnccl.so.2 "${gpu_env[-1]#HOROVOD_NCCL_LIB=}/libnccl.so" 2>/dev/null || true
+    fi
+    env ${ops:+HOROVOD_GPU_OPERATIONS=$ops} "${gpu_env[@]}" \
     HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1 \
     HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1 \
     MAKEFLAGS="-j$(nproc)" \

@@ -31,13 +31,25 @@ from ..models import build_model, conv_flops, make_plan, shared_and_partitioned
 PUBLISHED_GB = {"ist": {"2": 0.454, "4": 0.720, "8": 1.289}, "local-sgd": {"2": 0.662, "4": 1.325, "8": 2.649}}
 
 
-def _time_steps(model, x, y, steps: int, warmup: int, precision: str = "fp32") -> float:
+# The longest one figure of the step timings may take: on a CPU without a fast path, a
+# half-precision step can take many seconds (the figure then rests on fewer steps).
+FIGURE_BUDGET_S = 20.0
+
+
+def _time_steps(
+    model, x, y, steps: int, warmup: int, precision: str = "fp32", budget_s: float = FIGURE_BUDGET_S
+) -> float:
     """Fastest of `steps` SGD training steps after warm-up (the least disturbed by other load),
-    through the training's own precision switch."""
+    through the training's own precision switch; at least one step is timed, and none starts
+    once `budget_s` has passed."""
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     amp = Precision(precision, x.device)
     times = []
+    start = time.perf_counter()
     for i in range(warmup + steps):
+        if times and time.perf_counter() - start > budget_s:
+            break
+        warming = i < warmup and time.perf_counter() - start <= budget_s / 2
         t = time.perf_counter()
         model.zero_grad(set_to_none=True)
         with amp.autocast():
@@ -46,7 +58,7 @@ def _time_steps(model, x, y, steps: int, warmup: int, precision: str = "fp32") -
         amp.step(opt)
         if x.device.type == "cuda":
             torch.cuda.synchronize()
-        if i >= warmup:
+        if not warming:
             times.append(time.perf_counter() - t)
     return min(times)
 
@@ -69,11 +81,24 @@ def subnet_step_ratio(width: float, batch: int, device, steps: int, warmup: int)
     return out
 
 
-def precision_supported(precision: str, device: torch.device) -> bool:
-    """Whether `device` runs `precision`'s autocast (bf16 needs Ampere or newer on a GPU)."""
-    if device.type == "cuda" and precision == "bf16":
-        return torch.cuda.is_bf16_supported()
-    return True
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+def precision_supported(precision: str, device: torch.device) -> str | None:
+    """Why `device` has no fast path for `precision` (None: it has one, so it is measured).
+    bf16 needs Ampere or newer on a GPU, AVX-512 BF16 or AMX on a CPU; CPUs emulate fp16."""
+    if precision == "fp32":
+        return None
+    if device.type == "cuda":
+        return None if precision == "fp16" or torch.cuda.is_bf16_supported() else "bf16 needs an Ampere or newer GPU"
+    if precision == "fp16":
+        return "no fp16 fast path on a CPU"
+    return None if cpu_flags() & {"avx512_bf16", "amx_bf16"} else "no bf16 fast path on this CPU (AVX-512 BF16, AMX)"
 
 
 def precision_layout(width: float, batch: int, device, steps: int, warmup: int) -> list[dict]:
@@ -81,7 +106,9 @@ def precision_layout(width: float, batch: int, device, steps: int, warmup: int) 
     memory layout."""
     rows = []
     for precision in PRECISIONS:
-        if not precision_supported(precision, device):
+        why = precision_supported(precision, device)
+        if why:
+            rows.append({"precision": precision, "skipped": why})
             continue
         for channels_last in (False, True):
             layout = torch.channels_last if channels_last else torch.contiguous_format
@@ -192,9 +219,11 @@ def _bin(name: str) -> str:
     return str(Path(sys.executable).parent / name)
 
 
-def _train(args: list[str], np_: int, out: Path, env: dict) -> None:
-    cmd = [_bin("hist-train"), *args, "--out", str(out)]
+def _train(args: list[str], np_: int, out: Path, env: dict, device: str = "cpu") -> None:
+    """One hist-train run on `device`; several ranks on one machine share its GPU on purpose."""
+    cmd = [_bin("hist-train"), *args, "--device", device, "--out", str(out)]
     if np_ > 1:
+        cmd.append("--share-gpus")
         cmd = [_bin("horovodrun"), "-np", str(np_), "-H", f"localhost:{np_}", *cmd]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode:
@@ -230,17 +259,17 @@ def _synthetic_epoch(width: float, batch: int, local_iters: int, synthetic_size:
     ]
 
 
-def end_to_end(width: float, batch: int, local_iters: int, synthetic_size: int, tmp: Path) -> dict:
+def end_to_end(width: float, batch: int, local_iters: int, synthetic_size: int, tmp: Path, device: str = "cpu") -> dict:
     """Wall time per epoch: one full-model process against 2-process ist, local-sgd and dp."""
     common = _synthetic_epoch(width, batch, local_iters, synthetic_size)
     env = _env()
-    _train(common, 1, tmp / "single.h5", env)
+    _train(common, 1, tmp / "single.h5", env, device)
     single = read_run(tmp / "single.h5")
     base = single.rounds["wall_s"][-1] / single.rounds["epoch"][-1]
     out = {"seconds_per_epoch": {SINGLE: float(base)}, "speedup_np2": {}, "sync_share": None}
     for method in ("ist", "local-sgd", "dp"):
         path = tmp / f"{method}.h5"
-        _train(common + ["--method", method], 2, path, env)
+        _train(common + ["--method", method], 2, path, env, device)
         run = read_run(path)
         per_epoch = float(run.rounds["wall_s"][-1] / run.rounds["epoch"][-1])
         out["seconds_per_epoch"][method] = per_epoch
@@ -256,21 +285,23 @@ def end_to_end(width: float, batch: int, local_iters: int, synthetic_size: int, 
     return out
 
 
-def sync_overlap(width: float, batch: int, local_iters: int, synthetic_size: int, tmp: Path) -> dict:
+def sync_overlap(
+    width: float, batch: int, local_iters: int, synthetic_size: int, tmp: Path, device: str = "cpu"
+) -> dict:
     """A round's sync time of 2-process IST with the block transfers overlapping the shared
     allreduce and without (real hist-train runs; steady rounds, the last one left out)."""
     common = _synthetic_epoch(width, batch, local_iters, synthetic_size)
     out = {}
     for flag in ("--no-overlap", "--overlap"):
         path = tmp / f"sync{flag}.h5"
-        _train(common + [flag], 2, path, _env())
+        _train(common + [flag], 2, path, _env(), device)
         r = read_run(path).rounds
         steady = slice(0, max(1, len(r["sync_s"]) - 1))
         out[flag.removeprefix("--")] = float(r["sync_s"][steady].max(axis=1).mean())
     return {"sync_s_per_round": out, "rounds": int(len(r["sync_s"]))}
 
 
-def accuracy(data_dir, epochs: float, tmp: Path) -> dict:
+def accuracy(data_dir, epochs: float, tmp: Path, device: str = "cpu") -> dict:
     """Final test accuracy of one full-model process and of IST with 2 and 4 subnetworks."""
     data_dir = data_dir or os.environ.get("HIST_DATA")
     dataset = "cifar10" if data_dir and (Path(data_dir) / "cifar-10-batches-py").is_dir() else "synthetic"
@@ -296,7 +327,7 @@ def accuracy(data_dir, epochs: float, tmp: Path) -> dict:
     env = _env()
     out = {"dataset": dataset}
     for key, np_ in ((SINGLE, 1), ("ist_s2", 2), ("ist_s4", 4)):
-        _train(common, np_, tmp / f"acc-{key}.h5", env)
+        _train(common, np_, tmp / f"acc-{key}.h5", env, device)
         out[key] = float(read_run(tmp / f"acc-{key}.h5").evals["test_accuracy"][-1])
     return out
 
@@ -345,6 +376,7 @@ def run(
                 4 if quick else 50,
                 256 if quick else 50 * batch_size * 4,
                 Path(tmp),
+                device.type,
             )
             result.update(e2e)
             result["overlap"] = sync_overlap(
@@ -353,8 +385,9 @@ def run(
                 4 if quick else 10,
                 256 if quick else 10 * batch_size * 2 * 12,
                 Path(tmp),
+                device.type,
             )
-            result["accuracy"] = accuracy(data_dir, 0.2 if quick else 3, Path(tmp))
+            result["accuracy"] = accuracy(data_dir, 0.2 if quick else 3, Path(tmp), device.type)
     result["settings"] = {
         "width": width,
         "run_width": run_width,
@@ -392,6 +425,9 @@ def format_table(r: dict) -> str:
         )
     lines.append("training images/s by precision and layout (ResNet-101 full / S=8 subnetwork):")
     for row in r["precision_layout"]:
+        if "skipped" in row:
+            lines.append(f"  {row['precision']:4s} not measured: {row['skipped']}")
+            continue
         layout = "channels_last" if row["channels_last"] else "NCHW"
         lines.append(
             f"  {row['precision']:4s} {layout:13s} {row['full_images_per_s']:9.1f} / {row['s8_images_per_s']:9.1f}"

@@ -301,6 +301,22 @@ def format_paper_table(rows: list[dict], notes: list[str], oversubscribed_above:
     return "\n".join(lines + [""] + [f"note: {n}" for n in notes])
 
 
+def format_epoch_table(runs: list[Run], notes: list[str]) -> str:
+    """Test accuracy of each run at each evaluation, a column per epoch (to 0.1): the curves of
+    the figure as numbers, in Markdown."""
+    columns = sorted({round(float(e), 1) for r in runs for e in r.evals["epoch"]})
+    head = "| run | " + " | ".join(f"{c:g}" for c in columns) + " |"
+    lines = [head, "|" + " --- |" * (len(columns) + 1)]
+    for run in sorted(runs, key=lambda r: (int(r.attrs["world_size"]), r.attrs["method"], split_label(r))):
+        world = int(run.attrs["world_size"])
+        label = method_label({"method": run.attrs["method"], "data_split": split_label(run)})
+        seed = run.config.get("seed")
+        at = {round(float(e), 1): float(a) for e, a in zip(run.evals["epoch"], run.evals["test_accuracy"])}
+        cells = [f"{at[c]:.2f}" if c in at else "" for c in columns]
+        lines.append(f"| {label} np{world}{f' seed {seed}' if seed else ''} | " + " | ".join(cells) + " |")
+    return "\n".join(lines + [""] + [f"note: {n}" for n in notes])
+
+
 def format_table(rows: list[dict], notes: list[str]) -> str:
     head = (
         "dataset",

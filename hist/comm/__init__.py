@@ -9,6 +9,7 @@ from .synchroniser import (
     abort_world_if_running,
     cuda_aware_mpi,
     horovod_version,
+    loaded_mpi_library,
     resolve_block_transport,
 )
 from .traffic import BlockOp, Traffic, ring_allreduce_bytes, round_bytes, schedule_blocks
@@ -18,7 +19,7 @@ def connect(subnets: int, world_size: int, **options) -> Synchroniser | LocalSyn
     """This job's synchroniser: Horovod and MPI beyond one process; for one, the stand-in, so a
     one-process run imports neither library."""
     if world_size == 1:
-        return LocalSynchroniser(subnets, options.get("block_transport", "host"))
+        return LocalSynchroniser(subnets)  # one rank: blocks never travel, host or not
     return Synchroniser(subnets, **options)
 
 
@@ -32,6 +33,7 @@ __all__ = [
     "connect",
     "cuda_aware_mpi",
     "horovod_version",
+    "loaded_mpi_library",
     "resolve_block_transport",
     "ring_allreduce_bytes",
     "round_bytes",

@@ -55,9 +55,6 @@ class LocalSynchroniser:
     def sync_blocks(self, block_params, plan, next_plan, aggregate, kinds=(), nonblocking=False) -> _Done:
         return _Done()  # one subnetwork holds every block: nothing moves
 
-    def any_over_subnet(self, flag: bool) -> bool:
-        return bool(flag)
-
     def any_over_world(self, flag: bool) -> bool:
         return bool(flag)
 

@@ -11,14 +11,13 @@ ranks, never data or files.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from ..errors import HistError
+from ..errors import CollectiveError, HistError
 from ..models.plan import Plan
 from ..world import world_info_from_env
 from .traffic import Traffic, schedule_blocks
@@ -58,33 +57,53 @@ class ContiguousCompression:
         return tensor if original is None else original.copy_(tensor)
 
 
-def cuda_aware_mpi() -> bool:
-    """Whether the MPI library can read and write GPU memory directly.
+def loaded_mpi_library() -> str | None:
+    """The path of the libmpi this process actually loaded (mpi4py's), not whichever MPI's
+    tools happen to be first on PATH."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "libmpi.so" in line or "libmpi_" in line}
+    except OSError:
+        return None
+    paths = sorted(p for p in paths if p.startswith("/"))
+    return paths[0] if paths else None
 
-    Open MPI reports it in `ompi_info`; MPICH derivatives are switched on by the environment
-    (Cray MPICH_GPU_SUPPORT_ENABLED, MVAPICH2 MV2_USE_CUDA). `HIST_CUDA_AWARE_MPI=0|1` overrides.
+
+def cuda_aware_mpi() -> bool:
+    """Whether the loaded MPI reads and writes GPU memory, asked after MPI started.
+
+    Open MPI answers at run time through `MPIX_Query_cuda_support` (a CUDA build keeps it off
+    unless OMPI_MCA_opal_cuda_support=true; a build flag says nothing about that). MPICH
+    derivatives are switched on by the environment (Cray MPICH_GPU_SUPPORT_ENABLED, MVAPICH2
+    MV2_USE_CUDA). `HIST_CUDA_AWARE_MPI=0|1` overrides.
     """
     forced = os.environ.get("HIST_CUDA_AWARE_MPI")
     if forced is not None:
         return forced == "1"
     if os.environ.get("MPICH_GPU_SUPPORT_ENABLED") == "1" or os.environ.get("MV2_USE_CUDA") == "1":
         return True
-    try:
-        out = subprocess.run(["ompi_info", "--parsable", "--all"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
+    path = loaded_mpi_library()
+    if path is None:
         return False
-    return "mpi_built_with_cuda_support:value:true" in out
+    import ctypes
+
+    try:
+        query = getattr(ctypes.CDLL(path), "MPIX_Query_cuda_support", None)
+    except OSError:
+        return False
+    return bool(query()) if query is not None else False
 
 
-def resolve_block_transport(choice: str, device: torch.device) -> str:
-    """The transport `--block-transport` means on this device and MPI: host or device."""
+def resolve_block_transport(choice: str, device: torch.device, aware: bool) -> str:
+    """What `--block-transport` means on this device, given whether every rank's MPI is
+    CUDA-aware: `auto` is host memory unless that answer is yes."""
     if device.type != "cuda":
         return "host"  # the tensors already live in host memory: no staging either way
-    aware = cuda_aware_mpi()
     if choice == "device" and not aware:
-        raise HistError(
-            "--block-transport device needs a CUDA-aware MPI and this one is not (ompi_info shows "
-            "mpi_built_with_cuda_support false); use --block-transport host or auto"
+        raise CollectiveError(
+            "--block-transport device needs a CUDA-aware MPI on every rank and this one is not "
+            "(MPIX_Query_cuda_support says no; a CUDA build of Open MPI also needs "
+            "OMPI_MCA_opal_cuda_support=true); use --block-transport host or auto"
         )
     return "device" if choice == "device" or (choice == "auto" and aware) else "host"
 
@@ -114,8 +133,10 @@ class Synchroniser:
     # the training thread (IST ResNet-101, 2 ranks on 2 cores: 0.28 -> 0.24 s per local step).
     yield_when_idle: bool = False
     # How IST blocks reach MPI ("host": staged through pinned buffers; "device": GPU memory
-    # handed to a CUDA-aware MPI). `resolve_block_transport` picks it for a device.
+    # handed to a CUDA-aware MPI). Given as --block-transport (auto | host | device); after MPI
+    # starts, `resolve_block_transport` turns it into host or device, agreed by every rank.
     block_transport: str = "host"
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     traffic: Traffic = field(default_factory=Traffic)
 
     def __post_init__(self):
@@ -157,6 +178,9 @@ class Synchroniser:
                 f"launch with horovodrun or mpirun, not --gloo"
             )
         self.subnet_set = sets[self.subnet] if use_sets else hvd.global_process_set if g == self.size else None
+        # MPI: whether device memory can go to MPI is asked of the library now loaded, and agreed.
+        aware = self.device.type == "cuda" and bool(self.world.allreduce(cuda_aware_mpi(), op=MPI.LAND))
+        self.block_transport = resolve_block_transport(self.block_transport, self.device, aware)
         self._comms: dict[tuple[int, ...], object] = {}
         # Staging buffers for the block transfers, one per operation in flight, reused every
         # round: no fresh array per operation.
@@ -293,11 +317,20 @@ class Synchroniser:
             comm = self._comm(op.ranks)
             k = len(op.ranks)
             mpi_buf = buf if buf.device.type == "cuda" else buf.numpy()
+            # MPI: Open MPI has no non-blocking collectives on GPU buffers; device memory goes
+            # through the blocking ones (the schedule order still keeps every rank in step).
+            on_device = buf.device.type == "cuda"
             if op.kind == "allreduce":
-                requests.append(comm.Iallreduce(self.MPI.IN_PLACE, mpi_buf, op=self.MPI.SUM))
+                if on_device:
+                    comm.Allreduce(self.MPI.IN_PLACE, mpi_buf, op=self.MPI.SUM)
+                else:
+                    requests.append(comm.Iallreduce(self.MPI.IN_PLACE, mpi_buf, op=self.MPI.SUM))
                 self.traffic.allreduce(buf.numel() * buf.element_size(), k)
             else:
-                requests.append(comm.Ibcast(mpi_buf, root=op.ranks.index(op.root)))
+                if on_device:
+                    comm.Bcast(mpi_buf, root=op.ranks.index(op.root))
+                else:
+                    requests.append(comm.Ibcast(mpi_buf, root=op.ranks.index(op.root)))
                 self.traffic.broadcast(buf.numel() * buf.element_size(), k, self.rank == op.root)
             finish.append((buf, tensors, k if op.kind == "allreduce" else 1))
 
@@ -309,14 +342,6 @@ class Synchroniser:
                 _unflatten_into(buf.to(tensors[0].device, non_blocking=True), tensors)
 
         return Pending(complete)
-
-    def any_over_subnet(self, flag: bool) -> bool:
-        """True on every rank of this rank's subnetwork if `flag` is true on any of them (MPI)."""
-        g = self.ranks_per_subnet
-        if g == 1:
-            return bool(flag)
-        comm = self.world if g == self.size else self._comm(tuple(range(self.subnet * g, (self.subnet + 1) * g)))
-        return bool(comm.allreduce(bool(flag), op=self.MPI.LOR))
 
     def check_same(self, value: int, what: str) -> None:
         """Fail clearly if ranks disagree on `value` (a plan digest, a config hash)."""

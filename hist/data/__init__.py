@@ -6,6 +6,7 @@ workers import `hist.data.decode`, hence this package, and must start without to
 
 from ..choices import DATASETS
 from .folders import FOLDER_DATASETS, FOLDER_NUM_CLASSES, FOLDER_STATS, FolderSplit, index_folder
+from .meter import Meter
 from .sources import (
     NUM_CLASSES,
     SOURCES,
@@ -41,6 +42,7 @@ __all__ = [
     "FOLDER_NUM_CLASSES",
     "FOLDER_STATS",
     "FolderSplit",
+    "Meter",
     "NUM_CLASSES",
     "SOURCES",
     "STATS",

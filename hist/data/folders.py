@@ -18,6 +18,7 @@ import numpy as np
 
 from ..choices import FOLDER_DATASETS
 from ..errors import HistError
+from .meter import Meter
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -177,11 +178,14 @@ def _build_folders(data_dir: Path, split: str) -> dict:
         )
     label_of = {c: i for i, c in enumerate(classes)}
     files, labels = [], []
+    meter = Meter(f"indexing {data_dir / split} (once; cached after)", len(folders), "class folders")
     for folder in folders:
         signature[f"{split}/{folder}"] = _stamp(data_dir / split / folder)
         names = _images(data_dir / split / folder)
         files += [f"{folder}/{n}" for n in names]
         labels += [label_of[folder]] * len(names)
+        meter.advance(1, images=len(files))
+    meter.finish()
     signature[split] = _stamp(data_dir / split)
     return {"signature": signature, "classes": classes, "files": files, "labels": labels}
 

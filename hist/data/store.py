@@ -7,7 +7,6 @@ import fcntl
 import hashlib
 import json
 import os
-import sys
 import tarfile
 import urllib.request
 from pathlib import Path
@@ -16,6 +15,7 @@ import numpy as np
 
 from ..choices import ARRAY_DATASETS
 from ..errors import HistError
+from .meter import Meter
 from .sources import READERS, SOURCES, Split, default_data_dir, synthetic
 
 
@@ -38,26 +38,17 @@ def _missing_message(dataset: str, data_dir: Path, reason: str) -> str:
     )
 
 
-def _progress(done: int, total: int, name: str) -> None:
-    if total > 0 and sys.stderr.isatty():
-        sys.stderr.write(f"\r{name}: {done / 2**20:.1f}/{total / 2**20:.1f} MiB ({100 * done // total}%)")
-        sys.stderr.flush()
-
-
 def _fetch(url: str, dest: Path, md5: str) -> None:
     """Download to a temporary name, check the MD5, then rename atomically."""
     tmp = dest.with_name(dest.name + f".part{os.getpid()}")
     digest = hashlib.md5()
     with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f:
-        total = int(r.headers.get("Content-Length") or 0)
-        done = 0
+        meter = Meter(f"downloading {url}", int(r.headers.get("Content-Length") or 0), "MiB", scale=2**20)
         while chunk := r.read(1 << 20):
             f.write(chunk)
             digest.update(chunk)
-            done += len(chunk)
-            _progress(done, total, dest.name)
-    if sys.stderr.isatty():
-        sys.stderr.write("\n")
+            meter.advance(len(chunk))
+        meter.finish()
     if digest.hexdigest() != md5:
         tmp.unlink(missing_ok=True)
         raise HistError(f"download of {url} has MD5 {digest.hexdigest()}, expected {md5}; try again")

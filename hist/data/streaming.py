@@ -207,8 +207,7 @@ class StreamingLoader:
             self._pending.pop(ticket, None)  # its results are dropped when they arrive
 
     def _to_device(self, parts: list[np.ndarray], labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self._staging.send(parts)
-        y = torch.from_numpy(np.ascontiguousarray(labels)).to(self.device)
+        x, y = self._staging.send(parts, labels)
         return self.normalise(x), y
 
 
@@ -288,31 +287,38 @@ def _stop(procs, tasks, results) -> None:
 
 
 class _Staging:
-    """Host to device: on CUDA through two reused pinned buffers, so the copy runs asynchronously
-    (non_blocking) while the next batch is assembled in the other buffer."""
+    """Host to device: on CUDA through two reused pairs of pinned buffers (pixels, labels), so
+    both copies run asynchronously (non_blocking) while the next batch is assembled in the
+    other pair; the event that marks a pair's copies done lives on this rank's own GPU."""
 
     def __init__(self, device: torch.device):
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
-        self.buffers: list[torch.Tensor | None] = [None, None]
-        self.copied: list = [None, None]  # CUDA event after each buffer's last copy
+        self.buffers: list[dict[str, torch.Tensor]] = [{}, {}]
+        self.copied: list = [None, None]  # CUDA event after each pair's last copies
         self.turn = 0
 
-    def send(self, parts: list[np.ndarray]) -> torch.Tensor:
+    def _pinned(self, k: int, name: str, size: int, dtype: torch.dtype) -> torch.Tensor:
+        buf = self.buffers[k].get(name)
+        if buf is None or buf.numel() < size or buf.dtype != dtype:
+            buf = self.buffers[k][name] = torch.empty(size, dtype=dtype, pin_memory=True)
+        return buf[:size]
+
+    def send(self, parts: list[np.ndarray], labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         n = sum(len(p) for p in parts)
         shape = (n, *parts[0].shape[1:])
         if not self.cuda:
             host = parts[0] if len(parts) == 1 else np.concatenate(parts)
-            return torch.from_numpy(host).to(self.device)
+            return torch.from_numpy(host).to(self.device), torch.from_numpy(np.ascontiguousarray(labels))
         k, self.turn = self.turn, 1 - self.turn
         if self.copied[k] is not None:
             self.copied[k].synchronize()  # its previous batch is on the device
-        size = math.prod(shape)
-        if self.buffers[k] is None or self.buffers[k].numel() < size:
-            self.buffers[k] = torch.empty(size, dtype=torch.uint8, pin_memory=True)
-        host = self.buffers[k][:size].view(shape)
+        host = self._pinned(k, "pixels", math.prod(shape), torch.uint8).view(shape)
         np.concatenate(parts, out=host.numpy())
+        y_host = self._pinned(k, "labels", len(labels), torch.int64)
+        y_host.numpy()[:] = labels
         x = host.to(self.device, non_blocking=True)
+        y = y_host.to(self.device, non_blocking=True)
         self.copied[k] = torch.cuda.Event()
-        self.copied[k].record()
-        return x
+        self.copied[k].record(torch.cuda.current_stream(self.device))
+        return x, y

@@ -23,7 +23,7 @@ class PhaseClock:
     def _now(self):
         if self.cuda:
             event = torch.cuda.Event(enable_timing=True)
-            event.record()
+            event.record(torch.cuda.current_stream())  # the rank's own GPU (set_device at launch)
             return event
         return time.perf_counter()
 

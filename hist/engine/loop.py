@@ -1,4 +1,4 @@
-"""The round loop: one optimisation step at a time, rounds of `local_iters` steps.
+"""The round loop: one optimisation step at a time, in rounds (`rounds.round_starts`).
 
 A method (built by the caller) decides what a round trains and how it is synchronised; the
 loop times data, compute and synchronisation, evaluates the global model, asks for
@@ -9,9 +9,8 @@ each round's figures to a recorder. It knows neither HDF5 nor a method's interna
 from __future__ import annotations
 
 import math
-import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -24,6 +23,7 @@ from ..models import PreActResNet
 from .clock import PhaseClock
 from .evaluation import evaluate
 from .precision import Precision
+from .rounds import round_starts
 from .schedule import lr_at
 from .signals import StopFlag
 
@@ -48,6 +48,8 @@ class Result:
     wall_s: float
     stopped_early: bool = False
     final_top5: float | None = None
+    # rank 0, over this process's rounds: images of all ranks, the mean rank's phase seconds, bytes sent by all
+    totals: dict = field(default_factory=lambda: {"images": 0, "rounds": 0, "busy_s": 0.0, "sync_s": 0.0, "bytes": 0})
 
 
 class GuardedWriter:
@@ -66,7 +68,9 @@ class GuardedWriter:
 
     def __getattr__(self, name):  # add_round, add_eval, finish: no-ops off rank 0
         method = getattr(self.recorder, name, None) if self.recorder is not None else None
-        return (lambda *args: self.guard(method, *args)) if method is not None else (lambda *args: None)
+        if method is None:
+            return lambda *args, **kwargs: None
+        return lambda *args, **kwargs: self.guard(lambda: method(*args, **kwargs))
 
 
 def train(
@@ -83,17 +87,19 @@ def train(
     stop: StopFlag | None = None,
     resume_state: dict | None = None,
     identity: dict | None = None,
+    progress=None,
 ) -> Result:
     """Run rounds until the epochs are done or a stop is requested; returns the final figures.
 
     `recorder` (rank 0 only) receives add_round/add_eval/finish, `save_checkpoint` (rank 0
-    only) a checkpoint's state; both None elsewhere.
+    only) a checkpoint's state, `progress` (rank 0 only, `engine.progress.Progress`) each
+    round's figures for the log; all None elsewhere.
     """
     device = next(model.parameters()).device
     stop = stop or StopFlag(cfg.stop_signal)
     steps_per_epoch = train_data.steps_per_epoch
-    total_steps = max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    n_rounds = math.ceil(total_steps / cfg.local_iters)
+    starts = round_starts(cfg, steps_per_epoch, peak)
+    total_steps, n_rounds = starts[-1], len(starts) - 1
     optimizer = method.optimizer
     precision = Precision(cfg.precision, device)
     start_round, wall_before = 0, 0.0
@@ -124,19 +130,21 @@ def train(
     writer = GuardedWriter(recorder)
     clock = PhaseClock(device)
 
+    last_wall = time.perf_counter() - t0
     for r in range(start_round, n_rounds):
         stats = RoundStats()
         sync.traffic.take()  # the round's byte count starts at zero
         clock.start()
         method.begin_round(r)
         clock.lap("sync")
-        first, last = r * cfg.local_iters, min((r + 1) * cfg.local_iters, total_steps)
+        first, last = starts[r], starts[r + 1]
         loss_sum = torch.zeros((), device=device)
         for step in range(first, last):
             x, y = train_data.batch(step)
             clock.lap("data")
+            lr = lr_at(step, total_steps, steps_per_epoch, cfg, peak)
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, total_steps, steps_per_epoch, cfg, peak)
+                group["lr"] = lr
             model.zero_grad(set_to_none=True)
             with precision.autocast():
                 loss = loss_fn(model(x), y)
@@ -184,9 +192,21 @@ def train(
         wall = time.perf_counter() - t0
         epoch = last / steps_per_epoch
         gathered = sync.gather(stats)
-        if recorder is not None:
+        if recorder is not None or progress is not None:
             per_rank = {k: [getattr(s, k) for s in gathered] for k in RoundStats.__dataclass_fields__}
-            writer.add_round(r, last - first, epoch, wall, per_rank)
+            writer.add_round(r, last - first, epoch, wall, per_rank, lr=lr, blocks=method.blocks_per_subnet())
+            t = result.totals
+            t["images"] += (last - first) * cfg.batch_size * sync.size
+            t["rounds"] += 1
+            t["busy_s"] += sum(sum(per_rank[f"{k}_s"]) for k in ("data", "compute", "sync")) / sync.size
+            t["sync_s"] += sum(per_rank["sync_s"]) / sync.size
+            t["bytes"] += sum(per_rank["bytes_sent"])
+            if progress is not None:
+                phase_sums = {k: float(sum(per_rank[f"{k}_s"])) for k in ("data", "compute", "sync")}
+                images = (last - first) * cfg.batch_size * sync.size
+                mean_loss = sum(per_rank["loss"]) / len(per_rank["loss"])
+                progress.update(r + 1, epoch, wall, wall - last_wall, mean_loss, lr, images, phase_sums)
+        last_wall = wall
         if evaluate_now:
             loss, acc, top5 = evaluate_model()
             result.final_loss, result.final_accuracy, result.final_top5 = loss, acc, top5
@@ -195,9 +215,6 @@ def train(
                 f"round {r + 1}/{n_rounds} epoch {epoch:.2f} train loss {stats.loss:.4f} "
                 f"test loss {loss:.4f} test accuracy {acc:.2f}% (top-5 {top5:.2f}%)"
             )
-        elif sys.stderr.isatty() and sync.rank == 0:
-            sys.stderr.write(f"\rround {r + 1}/{n_rounds} epoch {epoch:.2f} loss {stats.loss:.4f}")
-            sys.stderr.flush()
         scaler_states = precision.gather_state(sync) if checkpoint_now else None  # collective
         if checkpoint_now and save_checkpoint is not None:
             writer.guard(

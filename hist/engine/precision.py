@@ -1,5 +1,5 @@
 """Mixed precision as one switch around the step: autocast for the forward pass, and for fp16
-a gradient scaler whose skip decision is agreed by every rank that averages the gradients.
+a gradient scaler deciding on the averaged gradients, hence alike on the ranks that average them.
 
 Parameters, optimizer state and every aggregation stay fp32; only activations and the
 gradients' arithmetic inside the backward pass are in bf16/fp16.
@@ -11,7 +11,19 @@ import contextlib
 
 import torch
 
+from ..errors import HistError
+
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_supported(kind: str, device: torch.device) -> None:
+    """bf16 on a GPU older than Ampere fails at the first forward pass: say so before training."""
+    if kind == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        major, minor = torch.cuda.get_device_capability(device)
+        raise HistError(
+            f"--precision bf16 needs an Ampere or newer GPU; {torch.cuda.get_device_name(device)} has compute "
+            f"capability {major}.{minor}; use --precision fp16 (with its loss scaling) or fp32"
+        )
 
 
 class Precision:
@@ -36,21 +48,15 @@ class Precision:
         """The optimizer step through `method.step` (which knows Horovod's skip_synchronize);
         without a method, a plain step on this rank's own gradients (timing a step alone).
 
-        With fp16, the ranks that averaged these gradients must skip the same steps or their
-        weights part: each rank checks its own gradients, `method.agree_on_overflow` ORs the
-        flag over those ranks, and a rank outside the overflow marks one of its gradients
-        non-finite so that its scaler skips and backs off exactly like the others.
+        With fp16, ranks that average their gradients need no agreement of their own on
+        skipping a step: the scaler decides on the averaged gradients, which are the same on
+        each of those ranks, so an overflow on any of them is an overflow on all (an inf or
+        NaN survives the average). No per-step host read or allreduce is added for it.
         """
         step = method.step if method is not None else (lambda step_fn: step_fn(optimizer))
         if self.scaler is None:
             step(lambda opt: opt.step())
             return
-        agree = method.agree_on_overflow if method is not None else None
-        if agree is not None:
-            grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-            local = not bool(torch.stack([g.isfinite().all() for g in grads]).all())
-            if agree(local) and not local:
-                grads[0].view(-1)[0] = float("inf")
         scale = self.scaler.get_scale()
         step(self.scaler.step)
         self.scaler.update()

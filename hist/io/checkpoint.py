@@ -28,6 +28,8 @@ IDENTITY_KEYS = (
     "min_depth",
     "aggregate",
     "local_iters",
+    "round_schedule",
+    "qsr_alpha",
     "batch_size",
     "data_split",
     "seed",

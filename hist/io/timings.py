@@ -38,6 +38,7 @@ ROUND_COLUMNS = {
     "steps": ("i8", "1", "local steps in the round"),
     "epoch": ("f8", "epoch", "epochs completed at the end of the round"),
     "wall_s": ("f8", "s", "wall time since the start of training at the end of the round"),
+    "lr": ("f8", "1", "learning rate of the round's last step"),
 }
 EVAL_COLUMNS = {
     "round": ("i8", "1", "round after which the global model was evaluated"),
@@ -49,6 +50,7 @@ EVAL_COLUMNS = {
 }
 # Columns added after schema version 1's first files: read as NaN where a file lacks them.
 LATER_EVAL_COLUMNS = ("test_top5",)
+LATER_ROUND_COLUMNS = ("lr",)
 
 
 def _create(group: h5py.Group, name: str, dtype: str, width: int | None, unit: str, doc: str):
@@ -119,18 +121,30 @@ class TimingWriter:
     def _truncate(f: h5py.File, start_round: int) -> None:
         keep = int(np.searchsorted(f["rounds/round"][:], start_round))
         for name in list(RANK_COLUMNS) + list(ROUND_COLUMNS):
-            f["rounds"][name].resize(keep, axis=0)
+            if name in f["rounds"]:
+                f["rounds"][name].resize(keep, axis=0)
         keep_e = int(np.searchsorted(f["evals/round"][:], start_round))
         for name in EVAL_COLUMNS:
             f["evals"][name].resize(keep_e, axis=0)
 
-    def add_round(self, round_index: int, steps: int, epoch: float, wall_s: float, per_rank: dict[str, list]) -> None:
+    def add_round(
+        self,
+        round_index: int,
+        steps: int,
+        epoch: float,
+        wall_s: float,
+        per_rank: dict[str, list],
+        lr: float = float("nan"),
+        blocks=None,
+    ) -> None:
         with self._open("a") as f:
             r = f["rounds"]
             for name in RANK_COLUMNS:
                 _append(r[name], np.asarray(per_rank[name]))
-            for name, value in (("round", round_index), ("steps", steps), ("epoch", epoch), ("wall_s", wall_s)):
-                _append(r[name], value)
+            row = (("round", round_index), ("steps", steps), ("epoch", epoch), ("wall_s", wall_s), ("lr", lr))
+            for name, value in row:
+                if name in r:  # a resumed file from before a later column keeps its columns
+                    _append(r[name], value)
 
     def add_eval(
         self, round_index: int, epoch: float, wall_s: float, loss: float, accuracy: float, top5: float
@@ -205,7 +219,12 @@ def read_checked(path: Path) -> Run:
         with f:
             _check_schema(f, path)
             attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
-            rounds = {k: f["rounds"][k][:] for k in (*RANK_COLUMNS, *ROUND_COLUMNS)}
+            rounds = {
+                k: f["rounds"][k][:] if k in f["rounds"] or k not in LATER_ROUND_COLUMNS else None
+                for k in (*RANK_COLUMNS, *ROUND_COLUMNS)
+            }
+            n_rounds = len(rounds["round"])
+            rounds = {k: np.full(n_rounds, np.nan) if v is None else v for k, v in rounds.items()}
             evals = {
                 k: f["evals"][k][:] if k in f["evals"] or k not in LATER_EVAL_COLUMNS else None for k in EVAL_COLUMNS
             }

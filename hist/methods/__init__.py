@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ..choices import METHODS
@@ -19,10 +17,10 @@ METHOD_CLASSES = {"ist": IST, "local-sgd": LocalSGD, "dp": DataParallel}
 assert tuple(METHOD_CLASSES) == METHODS
 
 
-def build_method(cfg: Config, model: PreActResNet, sync: Synchroniser, steps_per_epoch: int, peak_lr: float) -> Method:
-    """The method of this run with its optimizer: one process always trains the full model."""
+def build_method(cfg: Config, model: PreActResNet, sync: Synchroniser, peak_lr: float, warm_rounds: int = 0) -> Method:
+    """The method of this run with its optimizer: one process always trains the full model.
+    `warm_rounds`: rounds of local SGD before IST starts (--warmup-local-sgd-epochs)."""
     optimizer = torch.optim.SGD(model.parameters(), lr=peak_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    warm_rounds = math.ceil(cfg.warmup_local_sgd_epochs * steps_per_epoch / cfg.local_iters)
     cls = METHOD_CLASSES[cfg.method] if sync.size > 1 else Method
     return cls(model, sync, cfg, optimizer, warm_rounds)
 

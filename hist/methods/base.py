@@ -50,16 +50,15 @@ class Method:
         else:
             step_fn(self.optimizer)
 
-    # Where gradients are averaged, the ranks that average them must agree on skipping an
-    # overflowing fp16 step: `agree_on_overflow(flag)` is True on all of them if on any.
-    # None where every rank steps on its own gradients (one process, local SGD).
-    agree_on_overflow = None
-
     def end_round(self, r: int, full: bool) -> None:
         """Aggregation at the end of round r; `full` means every rank needs the whole model."""
 
     def eval_scale(self) -> float:
         return 1.0
+
+    def blocks_per_subnet(self) -> list[int] | None:
+        """Partitioned blocks each subnetwork trained this round (None: every rank the full model)."""
+        return None
 
     def state_dict(self) -> dict:
         """Method state beyond the model and optimizer, identical on every rank after a full sync."""

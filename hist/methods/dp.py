@@ -10,7 +10,6 @@ class DataParallel(Method):
 
     def __init__(self, model, sync, cfg, optimizer, warm_rounds=0):
         super().__init__(model, sync, cfg, sync.distributed_optimizer(optimizer, model), warm_rounds)
-        self.agree_on_overflow = sync.any_over_world
 
     def after_backward(self) -> None:
         # Horovod: wait for the allreduces started during backward; the wait is the sync time.

@@ -18,8 +18,6 @@ class IST(Averaging):
         super().__init__(*args)
         self.plan: Plan | None = None
         self.warm = False
-        if self.sync.ranks_per_subnet > 1:  # the ranks of a subnetwork average their gradients
-            self.agree_on_overflow = self.sync.any_over_subnet
 
     def plan_for(self, r: int) -> Plan:
         return make_plan(self.cfg.seed, r, len(self.blocks), self.sync.subnets, self.cfg.min_depth)
@@ -53,12 +51,14 @@ class IST(Averaging):
             return
         # The shared parameters' allreduce (Horovod) starts first; with --overlap the block
         # transfers (MPI) run while it is in flight, and both are waited for at the end.
+        # Blocks in device memory go to a CUDA-aware MPI: never while NCCL (Horovod) works on
+        # the same GPUs, so there the shared average completes first.
+        overlap = self.cfg.overlap and self.sync.block_transport != "device"
         shared = self.start_shared_average()
-        if not self.cfg.overlap:
+        if not overlap:
             shared.wait()
         next_plan = None if full else self.plan_for(r + 1)
         travelling = [self.carried(ps, outer=True) for ps in self.blocks]
-        overlap = self.cfg.overlap
         if self.outer:  # average among holders, step, then deliver the stepped block
             self.sync.sync_blocks(travelling, self.plan, next_plan, self.cfg.aggregate, kinds=("allreduce",))
             self.outer_step([p for b in self.my_blocks() for p in self.blocks[b]])
@@ -82,6 +82,9 @@ class IST(Averaging):
         else:
             pending = [self.sync.start_average_over_world(self.carried(self.shared, outer=False))]
         return Pending(*(p.wait for p in pending))
+
+    def blocks_per_subnet(self) -> list[int] | None:
+        return None if self.plan is None else [len(b) for b in self.plan.blocks]
 
     def eval_scale(self) -> float:
         # Each block trained in a fraction p of the subnetworks; scaling its residual branch by p

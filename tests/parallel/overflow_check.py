@@ -1,11 +1,11 @@
-"""Run under mpirun: an fp16 step whose gradients overflow on one rank only, after averaging.
+"""Run under mpirun: an fp16 step whose gradients overflow on one rank only, before averaging.
 
 Argument: METHOD, "ist" (4 ranks, 2 subnetworks of 2 ranks) or "dp" (2 ranks). Rank 1 makes one
-of its gradients infinite after the gradients were averaged, so only an explicit agreement
-can tell the other ranks. Checks that every rank that averages gradients with rank 1 skips
-the step and halves its loss scale, that they still hold identical weights, and (ist) that
-the other subnetwork, which averages nothing with rank 1, steps and keeps its scale.
-Prints OK on success.
+of its own gradients infinite, as an fp16 overflow in its backward pass would, before the
+gradients are averaged; no rank tells another about it. Checks that every rank that averages
+gradients with rank 1 skips the step and halves its loss scale (the inf survives the average,
+so each scaler sees it), that they still hold identical weights, and (ist) that the other
+subnetwork, which averages nothing with rank 1, steps and keeps its scale. Prints OK on success.
 """
 
 import sys
@@ -44,9 +44,9 @@ model.zero_grad(set_to_none=True)
 with precision.autocast():
     loss = torch.nn.functional.cross_entropy(model(x), y)
 precision.backward(loss)
-method.after_backward()
-if sync.rank == 1:  # overflow after the average: the other ranks' gradients are finite
+if sync.rank == 1:  # an overflow in this rank's backward pass: the other ranks' gradients are finite
     next(p for p in model.parameters() if p.grad is not None).grad.view(-1)[0] = float("inf")
+method.after_backward()
 scale = precision.scaler.get_scale()
 precision.step(method.optimizer, method)
 

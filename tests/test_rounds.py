@@ -1,0 +1,59 @@
+"""Round lengths over a run (--round-schedule): constant, post-local SGD and the quadratic
+synchronisation rule, as pure functions, and a killed run with each resumed exactly."""
+
+import numpy as np
+import pytest
+
+from hist.config import Config
+from hist.engine.rounds import round_starts, rounds_before
+from hist.errors import HistError
+
+from helpers import TINY_MODEL, options
+
+
+def lengths(starts):
+    return np.diff(starts).tolist()
+
+
+def test_constant_rounds_cut_the_run_into_local_iters():
+    starts = round_starts(Config(epochs=2, local_iters=4), steps_per_epoch=10, peak=0.1)
+    assert starts == [0, 4, 8, 12, 16, 20] and rounds_before(starts, 5) == 2
+
+
+def test_post_local_averages_every_step_until_the_first_drop():
+    cfg = Config(epochs=4, local_iters=5, round_schedule="post-local", warmup_epochs=0)
+    starts = round_starts(cfg, steps_per_epoch=10, peak=0.1)
+    assert lengths(starts) == [1] * 20 + [5] * 4  # 40 steps: every step until step 20 (lr / 10), then 5
+
+
+def test_qsr_rounds_lengthen_as_the_learning_rate_falls():
+    cfg = Config(epochs=100, local_iters=4, round_schedule="qsr", qsr_alpha=0.2, warmup_epochs=0)
+    starts = round_starts(cfg, steps_per_epoch=10, peak=0.1)  # 1000 steps; lr 0.1, 0.01 at 500, 0.001 at 750
+    first_after = lambda step: next(b - a for a, b in zip(starts, starts[1:]) if a >= step)
+    assert first_after(0) == 4  # (0.2 / 0.1)^2 = 4
+    assert first_after(500) == 400  # (0.2 / 0.01)^2
+    assert starts[-1] == 1000 and max(lengths(starts)) <= 400
+    with pytest.raises(HistError, match="--qsr-alpha"):
+        Config(round_schedule="qsr", qsr_alpha=0).validate()
+
+
+TINY = [*TINY_MODEL, *options(batch_size=32, threads=1, synthetic_size=512, local_iters=4, bn_batches=2)]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule", ["post-local", "qsr"])
+def test_a_killed_run_resumes_to_the_same_rounds_and_model(tmp_path, schedule):
+    from test_train import cut_and_resume, rounds, same_model
+
+    args = ["synthetic", "--epochs", "6", *TINY, "--checkpoint-every", "3", "--round-schedule", schedule]
+    args += ["--qsr-alpha", "0.1", "--warmup-epochs", "0"]
+    ref, out, a, b = cut_and_resume(tmp_path, *args)
+    assert same_model(a["model"], b["model"])
+    r_ref, r_out = rounds(ref)[0], rounds(out)[0]
+    assert r_ref["steps"].tolist() == r_out["steps"].tolist() and np.array_equal(r_ref["loss"], r_out["loss"])
+    steps = r_ref["steps"].tolist()  # 48 steps a rank: the schedule's own lengths
+    if schedule == "post-local":
+        assert steps == [1] * 24 + [4] * 6
+    else:  # peak 0.2 (2 ranks, linear): 4-step rounds, then (0.1 / 0.02)^2 = 25 after the drop
+        assert steps[:6] == [4] * 6 and max(steps) > 4 and sum(steps) == 48

@@ -1,0 +1,99 @@
+"""Watching a run: progress lines (or a bar on a terminal) between evaluations, TensorBoard
+scalars read back with TensorBoard's own reader against the HDF5 file, the end-of-run block."""
+
+import os
+import pty
+import re
+import subprocess
+
+import h5py
+import numpy as np
+import pytest
+
+from helpers import BIN, ROOT, TINY_MODEL, horovodrun, mpi_env, options, run
+
+pytestmark = [pytest.mark.slow]
+
+# ~40 rounds of 2 steps with one evaluation at the end: several seconds of rounds
+TINY = [*TINY_MODEL, *options(batch_size=16, threads=1, synthetic_size=1280, local_iters=2, bn_batches=1)]
+PROGRESS = re.compile(
+    r"^epoch [\d.]+/1 round (\d+)/(\d+) train loss [\d.]+ lr [\d.e-]+ \| \d+ images/s "
+    r"\(data \d+% compute \d+% sync \d+%\) \| elapsed \S+ ETA \S+$"
+)
+
+
+def test_progress_lines_come_between_evaluations_at_the_interval_and_the_run_ends_with_its_summary(tmp_path):
+    out = tmp_path / "p.h5"
+    proc = run([BIN / "hist-train", "synthetic", *TINY, "--epochs", "1", "--log-every", "0.5", "--out", out])
+    lines = proc.stdout.splitlines()
+    progress = [(i, PROGRESS.match(line)) for i, line in enumerate(lines) if PROGRESS.match(line)]
+    evals = [i for i, line in enumerate(lines) if "test accuracy" in line and line.startswith("round")]
+    assert len(progress) >= 3, proc.stdout  # a run of several seconds, a line at most every 0.5 s
+    assert all(i < evals[0] for i, _ in progress[:-1]) and len(evals) == 1  # before the only evaluation
+    rounds = [int(m.group(1)) for _, m in progress]
+    assert rounds == sorted(set(rounds)) and rounds[-1] == int(progress[-1][1].group(2))  # the last round too
+    assert "final test accuracy" in proc.stdout
+    for word in ("speed ", "training images/s", "MB sent per round", f"timings    {out}", "hist-report"):
+        assert word in proc.stdout, word
+
+
+def test_log_every_0_and_no_tensorboard_print_and_import_nothing_extra(tmp_path):
+    code = (
+        "import sys; from hist.config import Config; from hist.launch import run_training\n"
+        f"run_training(Config(dataset='synthetic', arch='preact_resnet34', width=0.0625, epochs=0.25, "
+        f"batch_size=16, synthetic_size=512, local_iters=2, bn_batches=1, threads=1, log_every=0, out={str(tmp_path / 'q.h5')!r}))\n"
+        "print('imported:', sorted(m for m in sys.modules if m.split('.')[0] == 'tensorboard' "
+        "or m.startswith('torch.utils.tensorboard')))"
+    )
+    proc = run([BIN / "python", "-c", code])
+    assert proc.stdout.strip().splitlines()[-1] == "imported: []"  # (tqdm: torch itself imports it)
+    assert not any(PROGRESS.match(line) for line in proc.stdout.splitlines())
+
+
+def test_a_terminal_gets_one_updating_bar_instead_of_lines(tmp_path):
+    parent, child = pty.openpty()
+    cmd = [BIN / "hist-train", "synthetic", *TINY, "--epochs", "0.5", "--log-every", "0.5", "--out", tmp_path / "t.h5"]
+    proc = subprocess.Popen([str(c) for c in cmd], stdout=child, stderr=child, env=mpi_env(), cwd=ROOT)
+    os.close(child)
+    chunks = []
+    while True:
+        try:
+            data = os.read(parent, 65536)
+        except OSError:  # the other end closed
+            break
+        if not data:
+            break
+        chunks.append(data)
+    proc.wait(300)
+    text = b"".join(chunks).decode(errors="replace")
+    assert proc.returncode == 0, text
+    assert re.search(r"\r *\d+% \|#* *\| round \d+/\d+ epoch", text), text  # the bar, redrawn in place
+    assert not any(PROGRESS.match(line.strip()) for line in text.splitlines())
+    assert "final test accuracy" in text
+
+
+@pytest.mark.multiprocess
+def test_tensorboard_scalars_match_the_timing_file_rounds(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, logdir = tmp_path / "tb.h5", tmp_path / "tb"
+    args = [BIN / "hist-train", "synthetic", *TINY, "--epochs", "0.5", "--eval-every", "10", "--tensorboard", logdir]
+    horovodrun(2, *args, "--out", out)
+    events = EventAccumulator(str(logdir))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for tag in ("train/loss", "train/lr", "test/top1", "test/top5", "time/images_per_s", "time/sync_s"):
+        assert tag in tags, (tag, tags)
+    assert {"comm/bytes_per_round", "ist/blocks_subnet0", "ist/blocks_subnet1"} <= tags
+    scalar = lambda tag: [(e.step, e.value) for e in events.Scalars(tag)]
+    with h5py.File(out) as f:
+        r, e = f["rounds"], f["evals"]
+        assert [s for s, _ in scalar("train/loss")] == r["round"][:].tolist()
+        assert np.allclose([v for _, v in scalar("train/loss")], r["loss"][:].mean(axis=1), rtol=1e-5)
+        assert np.allclose([v for _, v in scalar("train/lr")], r["lr"][:], rtol=1e-5)
+        assert np.allclose([v for _, v in scalar("comm/bytes_per_round")], r["bytes_sent"][:].sum(axis=1))
+        assert [s for s, _ in scalar("test/top1")] == e["round"][:].tolist()
+        assert np.allclose([v for _, v in scalar("test/top1")], e["test_accuracy"][:], rtol=1e-5)
+    blocks = np.array([v for _, v in scalar("ist/blocks_subnet0")]) + [v for _, v in scalar("ist/blocks_subnet1")]
+    assert set(blocks.tolist()) == {5.0}  # ResNet-34's 5 partitioned blocks, split between 2 subnetworks
+    assert any(t.startswith("options") for t in events.Tags()["tensors"])  # every option, once, as text
