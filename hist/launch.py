@@ -37,7 +37,7 @@ from .io.timings import TimingWriter
 from .methods import build_method
 from .models import ARCHS, build_model, partitioned_block_count
 from .models.plan import validate as validate_plan
-from .world import world_info_from_env
+from .world import under_launcher, world_info_from_env
 
 
 def resolve_device(choice: str, local_rank: int) -> torch.device:
@@ -81,13 +81,11 @@ def check_gpu_placement(placements: list[tuple[str, str | None]], share: bool) -
     crowded = {k: v for k, v in ranks.items() if len(v) > 1}
     if crowded and not share:
         (host, _), shared = next(iter(crowded.items()))
-        per_host = {}
-        for h, g in ranks:
-            per_host[h] = per_host.get(h, 0) + 1
+        here = [v for (h, _), v in ranks.items() if h == host]
         raise HistError(
-            f"ranks {', '.join(map(str, shared))} share one GPU on {host}: {sum(len(v) for (h, _), v in ranks.items() if h == host)} "
-            f"ranks there, {per_host[host]} GPU(s) visible to them; launch at most one rank per GPU "
-            f"(srun --gpus-per-task=1 or --ntasks-per-node=<GPUs>), or pass --share-gpus if sharing is intended"
+            f"ranks {', '.join(map(str, shared))} share one GPU on {host}: {sum(map(len, here))} ranks there "
+            f"on {len(here)} GPU(s); launch at most one rank per GPU (srun --gpus-per-task=1 or "
+            f"--ntasks-per-node=<GPUs>), or pass --share-gpus if sharing is intended"
         )
 
 
@@ -325,7 +323,9 @@ def run_training(cfg: Config) -> Result:
         cfg, sync, checked, device, train_data, test_data, resume_state, sync.allgather(world.host)
     )
     save = functools.partial(ckpt.save, checked.checkpoint) if sync.rank == 0 else None
-    progress = Progress(cfg.log_every, len(starts) - 1, cfg.epochs) if sync.rank == 0 else None
+    # A bar only on a terminal of one's own: under a launcher the output goes to its log.
+    bar = sys.stdout.isatty() and not under_launcher()
+    progress = Progress(cfg.log_every, len(starts) - 1, cfg.epochs, bar=bar) if sync.rank == 0 else None
     log = progress.write if progress is not None else (lambda *a, **k: None)
     log(
         f"hist-train {cfg.method} on {cfg.dataset}: {sync.size} process(es), {checked.subnets} subnetwork(s), "

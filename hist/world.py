@@ -37,6 +37,13 @@ def _first(names, env, default: int) -> int:
     return default
 
 
+def under_launcher(env=None) -> bool:
+    """Whether a launcher (horovodrun, mpirun, srun) started this process: then standard output
+    is the launcher's (mpirun hands ranks a pseudo-terminal even when the job's log is a file)."""
+    env = os.environ if env is None else env
+    return any(env.get(name) not in (None, "") for name in (*_RANK, *_SIZE))
+
+
 def world_info_from_env(env=None) -> WorldInfo:
     env = os.environ if env is None else env
     return WorldInfo(_first(_RANK, env, 0), _first(_SIZE, env, 1), _first(_LOCAL, env, 0), socket.gethostname())

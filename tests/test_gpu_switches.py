@@ -97,7 +97,7 @@ def test_two_ranks_on_one_gpu_are_refused_unless_sharing_is_asked_for():
     # (host, GPU) per rank, as the ranks gather them after MPI starts (no GPU here: the list
     # is what a 2-GPU node with 3 ranks would report; the gather itself runs in every MPI test).
     crowded = [("n1", "GPU-a"), ("n1", "GPU-b"), ("n1", "GPU-a"), ("n2", "GPU-a")]
-    with pytest.raises(HistError, match=r"ranks 0, 2 share one GPU on n1: 3 ranks there, 2 GPU\(s\).*--share-gpus"):
+    with pytest.raises(HistError, match=r"ranks 0, 2 share one GPU on n1: 3 ranks there on 2 GPU\(s\).*--share-gpus"):
         check_gpu_placement(crowded, share=False)
     check_gpu_placement(crowded, share=True)
     check_gpu_placement([("n1", "GPU-a"), ("n1", "GPU-b"), ("n2", "GPU-a")], share=False)  # one each

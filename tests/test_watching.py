@@ -78,7 +78,8 @@ def test_tensorboard_scalars_match_the_timing_file_rounds(tmp_path):
 
     out, logdir = tmp_path / "tb.h5", tmp_path / "tb"
     args = [BIN / "hist-train", "synthetic", *TINY, "--epochs", "0.5", "--eval-every", "10", "--tensorboard", logdir]
-    horovodrun(2, *args, "--out", out)
+    proc = horovodrun(2, *args, "--out", out)
+    assert "% |" not in proc.stdout + proc.stderr  # mpirun's pseudo-terminal is a log, not a terminal: no bar
     events = EventAccumulator(str(logdir))
     events.Reload()
     tags = set(events.Tags()["scalars"])
@@ -97,3 +98,11 @@ def test_tensorboard_scalars_match_the_timing_file_rounds(tmp_path):
     blocks = np.array([v for _, v in scalar("ist/blocks_subnet0")]) + [v for _, v in scalar("ist/blocks_subnet1")]
     assert set(blocks.tolist()) == {5.0}  # ResNet-34's 5 partitioned blocks, split between 2 subnetworks
     assert any(t.startswith("options") for t in events.Tags()["tensors"])  # every option, once, as text
+
+
+def test_under_a_launcher_the_log_gets_lines_not_a_bar():
+    from hist.world import under_launcher
+
+    # mpirun gives every rank a pseudo-terminal even when the job's log is a file
+    assert under_launcher({"OMPI_COMM_WORLD_SIZE": "2"}) and under_launcher({"SLURM_PROCID": "0"})
+    assert not under_launcher({"HOME": "/root"})

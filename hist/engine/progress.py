@@ -38,11 +38,11 @@ class Interval:
 class Progress:
     """Rank 0's progress lines (or bar). `update` once a round; `write` for other lines."""
 
-    def __init__(self, every_s: float, n_rounds: int, total_epochs: float, stream=None, bar: bool | None = None):
+    def __init__(self, every_s: float, n_rounds: int, total_epochs: float, stream=None, bar: bool = False):
         self.every_s, self.n_rounds, self.total_epochs = every_s, n_rounds, total_epochs
         self.stream = stream or sys.stdout
         self.bar = None
-        if every_s > 0 and (self.stream.isatty() if bar is None else bar):
+        if every_s > 0 and bar:
             self.bar = Bar(sys.stderr, n_rounds)
         self.start_wall = self.start_round = None
         self.last_line = time.monotonic()
