@@ -50,7 +50,7 @@ def test_accuracy_suite_runs_every_method_then_reports_and_continues(tmp_path):
     assert "horovodrun -np 2" in settings["commands"]["ist-np2-seed0"]
     table = (folder / "report.md").read_text()
     assert table.startswith("| method | 1 process | 2 processes |")
-    assert [l.split("|")[1].strip() for l in table.splitlines()[2:5]] == ["single", "ist", "local-sgd"]
+    assert [l.split("|")[1].strip() for l in table.splitlines()[2:5]] == ["single", "ist (shard)", "local-sgd (shard)"]
     rows = json.loads((folder / "report.json").read_text())["rows"]
     assert {r["method"] for r in rows} == {"single", "ist", "local-sgd"}
     assert (folder / "report" / "accuracy_vs_time.png").stat().st_size > 1000
