@@ -135,7 +135,7 @@ horovod_wheel() {
   # CPU wheels cached before the key named the MPI (".../-cpu") or the variant were built
   # against this machine's system MPI: adopt them.
   if [ "$key" != "${key%-cpu-*}" ] && [ ! -d "$dir" ]; then
-    for legacy in "$cache/wheels/${key%-*}" "$cache/wheels/${key%-cpu-*}"; do
+    for legacy in "$cache/wheels/${key%-cpu-*}-cpu" "$cache/wheels/${key%-cpu-*}"; do
       if [ -d "$legacy" ]; then mv "$legacy" "$dir"; break; fi
     done
   fi
