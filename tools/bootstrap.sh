@@ -180,9 +180,11 @@ fi
 "$venv/bin/python" -c "import horovod.torch" 2>/dev/null || \
   "$venv/bin/pip" install -q --no-deps "$(horovod_wheel)"
 "$venv/bin/pip" install -q --no-deps -e "$root"
-"$venv/bin/horovodrun" --check-build | grep -q '\[X\] PyTorch' || { say "horovod lacks PyTorch support"; exit 1; }
+# The whole output first: `grep -q` ends the pipe early and horovodrun dies of the broken pipe.
+build=$("$venv/bin/horovodrun" --check-build)
+grep -q '\[X\] PyTorch' <<< "$build" || { say "horovod lacks PyTorch support"; exit 1; }
 if [ "$(gpu_operations)" = NCCL ]; then
-  "$venv/bin/horovodrun" --check-build | grep -q '\[X\] NCCL' || {
+  grep -q '\[X\] NCCL' <<< "$build" || {
     say "CUDA is here but the installed Horovod has no NCCL: pip uninstall horovod, then run this again"; exit 1; }
 fi
 if [ "$horovod_only" = 0 ]; then rm -f "$venv"/.hist-bootstrap-*; touch "$stamp"; fi
