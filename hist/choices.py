@@ -24,6 +24,8 @@ STOP_SIGNALS = ("USR2", "USR1", "TERM")
 DATA_SPLITS = ("shard", "full")
 # round lengths over the run (hist.engine.rounds): fixed, post-local SGD, the quadratic rule
 ROUND_SCHEDULES = ("constant", "post-local", "qsr")
+# ist: even block counts, or counts that follow each subnetwork's measured speed (hist.models.balance)
+BALANCES = ("none", "speed")
 
 # A one-process run trains the full model whatever method was asked for; it is labelled so.
 SINGLE = "single"

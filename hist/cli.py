@@ -108,6 +108,12 @@ def _apply_preset(ctx: click.Context, param, name):
 @click.option("--method", default=Config.method, type=click.Choice(choices.METHODS))
 @click.option("--subnets", default=Config.subnets, help="IST subnetworks (0 = one per process).")
 @click.option("--min-depth", default=Config.min_depth, help="Least partitioned blocks per subnetwork.")
+@click.option(
+    "--balance",
+    default=Config.balance,
+    type=click.Choice(choices.BALANCES),
+    help="ist: none (even block counts) or speed (a slower subnetwork gets fewer blocks, so every rank ends its round together).",
+)
 @click.option("--aggregate", default=Config.aggregate, type=click.Choice(choices.AGGREGATES))
 @click.option(
     "--shared-precision",

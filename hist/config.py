@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from .choices import (
     AGGREGATES,
+    BALANCES,
     BLOCK_TRANSPORTS,
     DATA_SPLITS,
     DEVICES,
@@ -47,6 +48,7 @@ class Config:
     method: str = "ist"  # ist | local-sgd | dp (one process: the full model, whatever the method)
     subnets: int = 0  # IST subnetworks S; 0 = one per process; processes must be a multiple of S
     min_depth: int = 0  # least partitioned blocks per subnetwork (extra blocks are shared and averaged)
+    balance: str = "none"  # ist: none (even block counts) | speed (counts follow each subnetwork's measured step speed, so a slower worker gets fewer blocks)
     aggregate: str = "copy"  # copy (the owner's values) | average (mean over subnetworks that trained it)
     shared_precision: str = (
         "fp32"  # fp32 | fp16: IST averages the shared parameters' change per round in fp16 (half the bytes)
@@ -118,6 +120,7 @@ class Config:
             _one_of("--block-transport", self.block_transport, BLOCK_TRANSPORTS),
             _one_of("--data-split", self.data_split, DATA_SPLITS),
             _one_of("--round-schedule", self.round_schedule, ROUND_SCHEDULES),
+            _one_of("--balance", self.balance, BALANCES),
             (self.qsr_alpha > 0, f"--qsr-alpha {self.qsr_alpha} must be positive"),
             (self.lr > 0, f"--lr {self.lr} must be positive"),
             (self.outer_lr > 0, f"--outer-lr {self.outer_lr} must be positive"),

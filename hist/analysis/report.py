@@ -443,6 +443,21 @@ def draw_figures(runs: list[Run], rows: list[dict], out: Path) -> list[Path]:
     ax.set_xticks(x, labels)
     ax.set(ylabel="MB per round, all ranks", title="Communication per round")
     save(fig, "bytes_per_round")
+
+    balanced = [run for run in runs if "blocks" in run.rounds and len(run.rounds["round"])]
+    if balanced:  # IST: each subnetwork's blocks per round against the round's wall time
+        fig, axes = plt.subplots(len(balanced), 1, figsize=(8, 3 * len(balanced)), squeeze=False)
+        for ax, run in zip(axes[:, 0], balanced):
+            rounds, blocks = run.rounds["round"], run.rounds["blocks"]
+            for s in range(blocks.shape[1]):
+                ax.step(rounds, blocks[:, s], where="post", label=f"subnetwork {s}")
+            ax.set(xlabel="round", ylabel="blocks (-1: full model)")
+            ax.set_title(f"{run.path.name}: {run.config.get('balance', 'none')} balance", fontsize=9)
+            ax.legend(fontsize=7, loc="upper left")
+            twin = ax.twinx()
+            twin.plot(rounds, np.diff(run.rounds["wall_s"], prepend=0.0), "k.", markersize=3)
+            twin.set_ylabel("round wall time (s)")
+        save(fig, "blocks_per_round")
     return written
 
 

@@ -157,12 +157,20 @@ def train(
             clock.lap("compute")
         stats.loss = loss_sum.item() / (last - first)
 
-        # One allreduce carries the stop flag and, per rank, whether its loss is still finite.
+        # One allreduce carries the stop flag and, per rank, whether its loss is still finite and its
+        # data and compute seconds so far (for the method's `observe_round`, e.g. --balance speed).
+        so_far = clock.read()
+        mine = [i == sync.rank for i in range(sync.size)]
         flags = sync.sum_over_world(
-            [float(stop.raised)] + [float(i == sync.rank and not math.isfinite(stats.loss)) for i in range(sync.size)]
+            [float(stop.raised)]
+            + [float(m and not math.isfinite(stats.loss)) for m in mine]
+            + [so_far.get("data", 0.0) * m for m in mine]
+            + [so_far.get("compute", 0.0) * m for m in mine]
         )
+        n = sync.size
+        method.observe_round(last - first, flags[1 + n : 1 + 2 * n], flags[1 + 2 * n : 1 + 3 * n])
         stop_now = flags[0] > 0
-        diverged = [i for i in range(sync.size) if flags[1 + i] > 0]
+        diverged = [i for i in range(n) if flags[1 + i] > 0]
         if diverged:
             writer.finish("diverged", time.perf_counter() - t0)
             raise CollectiveError(

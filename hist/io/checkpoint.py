@@ -26,6 +26,7 @@ IDENTITY_KEYS = (
     "method",
     "subnets",
     "min_depth",
+    "balance",
     "aggregate",
     "local_iters",
     "round_schedule",

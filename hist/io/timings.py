@@ -51,6 +51,8 @@ EVAL_COLUMNS = {
 # Columns added after schema version 1's first files: read as NaN where a file lacks them.
 LATER_EVAL_COLUMNS = ("test_top5",)
 LATER_ROUND_COLUMNS = ("lr",)
+# IST only, per subnetwork: created at the first IST round (earlier warm-up rows: -1, the full model).
+BLOCKS_COLUMN = ("blocks", "i4", "1", "partitioned blocks each subnetwork trained in the round (-1: the full model)")
 
 
 def _create(group: h5py.Group, name: str, dtype: str, width: int | None, unit: str, doc: str):
@@ -120,7 +122,7 @@ class TimingWriter:
     @staticmethod
     def _truncate(f: h5py.File, start_round: int) -> None:
         keep = int(np.searchsorted(f["rounds/round"][:], start_round))
-        for name in list(RANK_COLUMNS) + list(ROUND_COLUMNS):
+        for name in list(RANK_COLUMNS) + list(ROUND_COLUMNS) + [BLOCKS_COLUMN[0]]:
             if name in f["rounds"]:
                 f["rounds"][name].resize(keep, axis=0)
         keep_e = int(np.searchsorted(f["evals/round"][:], start_round))
@@ -145,6 +147,13 @@ class TimingWriter:
             for name, value in row:
                 if name in r:  # a resumed file from before a later column keeps its columns
                     _append(r[name], value)
+            name, dtype, unit, doc = BLOCKS_COLUMN
+            if blocks is not None and name not in r:
+                _create(r, name, dtype, len(blocks), unit, doc)
+                r[name].resize(len(r["round"]) - 1, axis=0)
+                r[name][:] = -1
+            if name in r:
+                _append(r[name], np.asarray(blocks if blocks is not None else [-1] * r[name].shape[1]))
 
     def add_eval(
         self, round_index: int, epoch: float, wall_s: float, loss: float, accuracy: float, top5: float
@@ -225,6 +234,8 @@ def read_checked(path: Path) -> Run:
             }
             n_rounds = len(rounds["round"])
             rounds = {k: np.full(n_rounds, np.nan) if v is None else v for k, v in rounds.items()}
+            if BLOCKS_COLUMN[0] in f["rounds"]:
+                rounds[BLOCKS_COLUMN[0]] = f["rounds"][BLOCKS_COLUMN[0]][:]
             evals = {
                 k: f["evals"][k][:] if k in f["evals"] or k not in LATER_EVAL_COLUMNS else None for k in EVAL_COLUMNS
             }

@@ -56,6 +56,10 @@ class Method:
     def eval_scale(self) -> float:
         return 1.0
 
+    def observe_round(self, steps: int, data_s, compute_s) -> None:
+        """Every rank's data and compute seconds of the round just trained, the same on every rank
+        (they ride on the loop's flag allreduce), before `end_round`."""
+
     def blocks_per_subnet(self) -> list[int] | None:
         """Partitioned blocks each subnetwork trained this round (None: every rank the full model)."""
         return None

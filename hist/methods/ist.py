@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..comm import Pending
 from ..models import Plan, make_plan
+from .balance import SpeedBalancer
 from .base import Averaging, momentum_buffers
 
 
@@ -18,9 +19,22 @@ class IST(Averaging):
         super().__init__(*args)
         self.plan: Plan | None = None
         self.warm = False
+        subnets = self.sync.subnets
+        self.balancer = (
+            SpeedBalancer(self.model, len(self.blocks), subnets, self.sync.ranks_per_subnet)
+            if self.cfg.balance == "speed" and subnets > 1
+            else None
+        )
 
     def plan_for(self, r: int) -> Plan:
-        return make_plan(self.cfg.seed, r, len(self.blocks), self.sync.subnets, self.cfg.min_depth)
+        """Round r's plan: a pure function of the seed, the round and (`--balance speed`) the agreed counts."""
+        counts = self.balancer.counts if self.balancer is not None else None
+        return make_plan(self.cfg.seed, r, len(self.blocks), self.sync.subnets, self.cfg.min_depth, counts)
+
+    def observe_round(self, steps: int, data_s, compute_s) -> None:
+        if self.balancer is not None:
+            blocks = self.blocks_per_subnet() or [len(self.blocks)] * self.sync.subnets  # warm-up: the full model
+            self.balancer.observe(blocks, steps, data_s, compute_s)
 
     def begin_round(self, r: int) -> None:
         super().begin_round(r)
@@ -91,6 +105,18 @@ class IST(Averaging):
         # keeps the full network's activations at the size the subnetworks were trained with.
         # (Group sizes, hence p, are the same every round.) After local-SGD warm-up rounds the
         # full network was trained as it is evaluated.
+        # Uneven counts (--balance speed) keep it at 1/S without overlap: see Plan.keep_fraction.
         if self.sync.subnets == 1 or self.warm:
             return 1.0
-        return self.plan_for(0).keep_fraction()
+        return (self.plan or self.plan_for(0)).keep_fraction()
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        if self.balancer is not None:
+            state["balance"] = self.balancer.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        if self.balancer is not None and state.get("balance") is not None:
+            self.balancer.load_state_dict(state["balance"])

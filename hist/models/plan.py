@@ -34,7 +34,14 @@ class Plan:
         return max(len(b) for b in self.blocks)
 
     def keep_fraction(self) -> float:
-        """Expected fraction of subnetworks that train a block: the test-time residual scale."""
+        """The probability that a block is in the network a training image passes through: the
+        test-time residual scale, as in stochastic depth.
+
+        Every subnetwork trains on as many images, and the permutation puts every block in group s
+        with probability len(blocks[s]) / n_blocks, so the probability is the mean of those over the
+        groups. Without overlap it is 1/S whatever the counts (the block counts sum to n_blocks):
+        uneven counts (`--balance speed`) move depth between subnetworks, not the chance of a block.
+        """
         return sum(len(b) for b in self.blocks) / (self.subnets * self.n_blocks)
 
     @property
@@ -54,16 +61,25 @@ def validate(n_blocks: int, subnets: int, min_depth: int) -> None:
         raise ValueError(f"minimum depth {min_depth} must be between 0 and the {n_blocks} partitionable blocks")
 
 
-def make_plan(seed: int, round_index: int, n_blocks: int, subnets: int, min_depth: int = 0) -> Plan:
-    """Split blocks 0..n_blocks-1 into `subnets` random groups of equal size (+-1).
+def even_counts(n_blocks: int, subnets: int) -> tuple[int, ...]:
+    """Blocks per subnetwork of an even split: equal, the first n_blocks % subnets one larger."""
+    return tuple(len(g) for g in np.array_split(np.arange(n_blocks), subnets))
 
-    With `min_depth`, a subnetwork smaller than that gets extra blocks drawn at random from
-    the other groups, so a block may then belong to several subnetworks (and is averaged).
+
+def make_plan(seed: int, round_index: int, n_blocks: int, subnets: int, min_depth: int = 0, counts=None) -> Plan:
+    """Split blocks 0..n_blocks-1 into `subnets` random groups, of equal size (+-1) or of the given `counts`.
+
+    The permutation is uniform, so whatever the counts every block is equally likely to land in
+    every group. With `min_depth`, a subnetwork smaller than that gets extra blocks drawn at
+    random from the other groups, so a block may then belong to several subnetworks (and is averaged).
     """
     validate(n_blocks, subnets, min_depth)
+    counts = even_counts(n_blocks, subnets) if counts is None else tuple(int(c) for c in counts)
+    if len(counts) != subnets or sum(counts) != n_blocks or min(counts) < 1:
+        raise ValueError(f"block counts {counts} must be {subnets} counts of at least 1 summing to {n_blocks}")
     rng = np.random.default_rng([seed, round_index, 0x1517])
     perm = rng.permutation(n_blocks)
-    groups = [set(g.tolist()) for g in np.array_split(perm, subnets)]
+    groups = [set(g.tolist()) for g in np.split(perm, np.cumsum(counts)[:-1])]
     owner = [0] * n_blocks
     for s, g in enumerate(groups):
         for b in g:
