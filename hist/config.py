@@ -121,6 +121,11 @@ class Config:
             _one_of("--data-split", self.data_split, DATA_SPLITS),
             _one_of("--round-schedule", self.round_schedule, ROUND_SCHEDULES),
             _one_of("--balance", self.balance, BALANCES),
+            (
+                self.balance == "none" or self.method == "ist",
+                f"--balance {self.balance} moves IST's blocks; --method {self.method} trains the full model "
+                f"on every rank: use --method ist or leave --balance at none",
+            ),
             (self.qsr_alpha > 0, f"--qsr-alpha {self.qsr_alpha} must be positive"),
             (self.lr > 0, f"--lr {self.lr} must be positive"),
             (self.outer_lr > 0, f"--outer-lr {self.outer_lr} must be positive"),

@@ -48,6 +48,15 @@ def test_equal_speeds_with_noisy_timings_keep_the_even_counts():
         assert max(balancer.counts) - min(balancer.counts) <= 1
 
 
+def test_balance_speed_with_a_method_that_has_no_blocks_is_one_clear_line():
+    from hist.config import Config
+    from hist.errors import HistError
+
+    with pytest.raises(HistError, match="--balance speed moves IST's blocks; --method dp"):
+        Config(method="dp", balance="speed").validate()
+    Config(method="ist", balance="speed").validate()
+
+
 def test_plans_follow_the_counts_and_every_block_is_held():
     plan = make_plan(3, 7, 22, 3, counts=(12, 6, 4))
     assert [len(b) for b in plan.blocks] == [12, 6, 4]
