@@ -230,6 +230,7 @@ def open_recorder(cfg, sync, checked, device, train_data, test_data, resume_stat
             "test_images": len(test_data),
             "steps_per_epoch": train_data.steps_per_epoch,
             "data_split": cfg.data_split,
+            "balance": cfg.balance,
             "lr_scaling": lr_scaling(cfg),
             "peak_lr": peak_lr(cfg, sync.size),
             "block_transport": sync.block_transport,

@@ -26,17 +26,31 @@ SMALL = options(
 )
 
 
-@pytest.mark.parametrize("method,np_", [("single", 1), ("ist", 2), ("local-sgd", 2), ("dp", 2)])
-def test_every_method_trains_on_the_real_image_folder(image_sample, tmp_path, method, np_):
+@pytest.mark.parametrize(
+    "method,np_,extra",
+    [
+        ("single", 1, ()),
+        # IST streamed under the published protocol with block counts by measured speed (--balance
+        # speed under `shard` on CIFAR: test_balance); one `full` epoch takes two `shard` epochs' steps
+        ("ist", 2, ("--data-split", "full", "--balance", "speed", "--epochs", "1")),
+        ("local-sgd", 2, ()),
+        ("dp", 2, ()),
+    ],
+)
+def test_every_method_trains_on_the_real_image_folder(image_sample, tmp_path, method, np_, extra):
     out = tmp_path / "run.h5"
     args = [BIN / "hist-train", "imagewoof", "--data-dir", image_sample, "--epochs", "2", *SMALL, "--out", out]
     if np_ == 1:
         run(args)
     else:
-        horovodrun(np_, *args, "--method", method)
+        horovodrun(np_, *args, "--method", method, *extra)
     r, e, attrs = rounds(out)
     assert attrs["method"] == method and attrs["train_images"] == 600 and attrs["test_images"] == 200
-    assert attrs["steps_per_epoch"] == 600 // np_ // 16
+    full = "full" in extra
+    assert attrs["data_split"] == ("full" if full else "shard")
+    assert attrs["steps_per_epoch"] == 600 // (1 if full else np_) // 16
+    if "speed" in extra:  # ResNet-34's 5 partitioned blocks, every one held, counts recorded per round
+        assert attrs["balance"] == "speed" and (r["blocks"].sum(axis=1) == 5).all() and (r["blocks"] >= 1).all()
     assert np.isfinite(r["loss"]).all() and (r["data_s"] > 0).all()
     assert 0 <= e["test_accuracy"][-1] <= e["test_top5"][-1] <= 100  # top-5 holds top-1
 
