@@ -178,6 +178,11 @@ def _apply_preset(ctx: click.Context, param, name):
 )
 @click.option("--eval-batch-size", default=Config.eval_batch_size)
 @click.option(
+    "--noise-every",
+    default=Config.noise_every,
+    help="Rounds between gradient-noise-scale probes (0 = none); hist-report says how many GPUs pay.",
+)
+@click.option(
     "--checkpoint-every",
     default=Config.checkpoint_every,
     help="Rounds between checkpoints (0 = on signal and at the end).",
@@ -288,6 +293,9 @@ def report(paths, output, fmt, oversubscribed_above, target_accuracy, merge, no_
         click.echo(rep.format_table(rows, notes))
         if proj is not None:
             click.echo(rep.format_projection(proj))
+        noise = rep.format_noise(runs)
+        if noise:
+            click.echo(noise)
     if merge:
         rep.merge(runs, merge)
     if not no_figures:

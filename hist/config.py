@@ -79,6 +79,9 @@ class Config:
     eval_every: int = 0  # rounds between evaluations (0 = only at the end)
     eval_every_epochs: float = 0.0  # also evaluate at the first round end after every this many epochs (0 = off)
     eval_batch_size: int = 256  # evaluation batch
+    noise_every: int = (
+        0  # rounds between gradient-noise-scale probes (0 = none): two half-batch gradients a rank, one allreduce
+    )
     crop: int = 224  # image folders: training crop (random-resized) and evaluation crop, in pixels
     eval_resize: int = 256  # image folders: evaluation images resized to this shorter side, then centre-cropped
     workers: int = 4  # image folders: decoding processes per rank (0 = decode in the training process)
@@ -148,8 +151,8 @@ class Config:
             (self.min_depth >= 0, f"--min-depth {self.min_depth} must not be negative"),
             (self.momentum >= 0 and self.weight_decay >= 0, "--momentum and --weight-decay must not be negative"),
             (
-                self.eval_every >= 0 and self.checkpoint_every >= 0 and self.eval_every_epochs >= 0,
-                "--eval-every, --eval-every-epochs and --checkpoint-every must not be negative",
+                min(self.eval_every, self.checkpoint_every, self.eval_every_epochs, self.noise_every) >= 0,
+                "--eval-every, --eval-every-epochs, --checkpoint-every and --noise-every must not be negative",
             ),
             (
                 self.synthetic_size > 0 and self.eval_batch_size > 0 and self.bn_batches >= 0,

@@ -202,8 +202,11 @@ def same_model(a: dict, b: dict) -> bool:
 @pytest.mark.parametrize("method", ["ist", "local-sgd"])
 def test_resume_is_exact_with_momentum_outer_step_and_warmups(tmp_path, method):
     common = ["--epochs", "6", *TINY, "--checkpoint-every", "2", "--method", method, *ACCURACY_OPTIONS]
+    common += ["--noise-every", "3"]  # gradient-noise probes: their rows cut back on resume, then exact
     ref, out, a, b = cut_and_resume(tmp_path, "synthetic", *common)
     assert same_model(a["model"], b["model"])
+    noise = [h5py.File(p, "r")["noise"] for p in (ref, out)]
+    assert len(noise[0]["round"]) == 4 and all(np.array_equal(noise[0][k], noise[1][k]) for k in noise[0])
     assert a["optimizer"] is not None  # momentum is aggregated, so it is global state and saved
     moms = [
         (x["momentum_buffer"], y["momentum_buffer"])

@@ -18,6 +18,7 @@ import numpy as np
 from ..choices import METHODS, SINGLE
 from ..errors import HistError
 from ..io.timings import SCHEMA, Run, isolated, read_checked
+from . import noise as noise_scale
 
 COLUMNS = (
     "dataset",
@@ -101,8 +102,9 @@ def _read_merged(path: Path) -> list[Run]:
             with h5py.File(part, "w") as out:
                 for k, v in f["runs"][name].attrs.items():
                     out.attrs[k] = v
-                for g in ("rounds", "evals"):
-                    f.copy(f["runs"][name][g], out, g)
+                for g in ("rounds", "evals", "noise"):
+                    if g in f["runs"][name]:
+                        f.copy(f["runs"][name][g], out, g)
             run = read_checked(part)
             run.path = Path(f"{path}:{name}")
             runs.append(run)
@@ -118,7 +120,9 @@ def merge(runs: list[Run], dest: Path) -> None:
             g = base.create_group(f"{i:03d}-{Path(str(run.path)).stem}")
             for k, v in run.attrs.items():
                 g.attrs[k] = v
-            for name, cols in (("rounds", run.rounds), ("evals", run.evals)):
+            for name, cols in (("rounds", run.rounds), ("evals", run.evals), ("noise", run.noise)):
+                if name == "noise" and not cols:
+                    continue
                 sub = g.create_group(name)
                 for k, v in cols.items():
                     sub.create_dataset(k, data=v, maxshape=(None,) + v.shape[1:], chunks=True)
@@ -366,6 +370,20 @@ def format_table(rows: list[dict], notes: list[str]) -> str:
     return text + "".join(f"\nnote: {n}" for n in notes)
 
 
+def noise_summaries(runs: list[Run]) -> list[tuple[Run, dict]]:
+    """Each run with gradient-noise-scale probes (--noise-every), with what they say."""
+    out = []
+    for run in runs:
+        s = noise_scale.summary(run, int(run.config.get("batch_size", 128)))
+        if s is not None:
+            out.append((run, s))
+    return out
+
+
+def format_noise(runs: list[Run]) -> str:
+    return "\n".join(noise_scale.format_summary(Path(str(run.path)).name, s) for run, s in noise_summaries(runs))
+
+
 def draw_figures(runs: list[Run], rows: list[dict], out: Path) -> list[Path]:
     """Speedup, accuracy-vs-time, round breakdown and bytes per round, as PNG and SVG."""
     import matplotlib
@@ -458,6 +476,42 @@ def draw_figures(runs: list[Run], rows: list[dict], out: Path) -> list[Path]:
             twin.plot(rounds, np.diff(run.rounds["wall_s"], prepend=0.0), "k.", markersize=3)
             twin.set_ylabel("round wall time (s)")
         save(fig, "blocks_per_round")
+
+    probed = noise_summaries(runs)
+    if probed:  # B_simple through training against the global batch, and the steps it predicts
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        counts = 2 ** np.arange(8)
+        for run, s in probed:
+            name = f"{run.attrs['method']} np{run.attrs['world_size']}"
+            grad_sq, trace = noise_scale.probe_estimates(run.noise)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                per_probe = np.where(grad_sq > 0, trace / grad_sq, np.nan)
+            axes[0].plot(run.noise["epoch"], per_probe, ".", label=f"{name}: per probe")
+            axes[0].axhline(s["b_simple"], ls="--", lw=1, label=f"{name}: B_simple {s['b_simple']:,.0f}")
+            b = s["batch"]
+            axes[1].plot(
+                counts,
+                noise_scale.step_speedup(s["b_simple_late"] or s["b_simple"], b, counts),
+                marker="o",
+                label=f"{name} (batch {b} a process)",
+            )
+        for n in counts[1:5]:
+            axes[0].axhline(n * probed[0][1]["batch"], color="grey", lw=0.5)
+            axes[0].annotate(f"{n} x {probed[0][1]['batch']}", (0, n * probed[0][1]["batch"]), fontsize=7, color="grey")
+        axes[0].set(
+            xlabel="epoch", ylabel="images", yscale="log", title="Gradient noise scale against the global batch"
+        )
+        axes[1].plot(counts, counts, "k--", label="linear")
+        axes[1].set(
+            xlabel="processes (global batch = N x batch)",
+            ylabel="fewer steps than one process",
+            title="Steps saved by data parallelism (predicted)",
+        )
+        axes[1].set_xscale("log", base=2)
+        axes[1].set_yscale("log", base=2)
+        for ax in axes:
+            ax.legend(fontsize=7)
+        save(fig, "noise_scale")
     return written
 
 

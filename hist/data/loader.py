@@ -71,11 +71,13 @@ class DeviceLoader:
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
         return ((x.float().div_(255) - self.mean) / self.std).contiguous(memory_format=self.memory_format)
 
-    def calibration_batches(self, n_batches: int):
-        """The same unaugmented batches on every rank (a fixed permutation of the whole split)."""
+    def calibration_batches(self, n_batches: int, first: int = 0):
+        """Unaugmented batches `first`, `first` + 1, ... of a fixed permutation of the whole split
+        (wrapping around), the same on every rank for the same `first`."""
         order = calibration_order(len(self.labels), self.seed).to(self.device)
-        for i in range(min(n_batches, len(order) // self.batch_size)):
-            idx = order[i * self.batch_size : (i + 1) * self.batch_size]
+        count = len(order) // self.batch_size
+        for i in range(first, first + min(n_batches, count)):
+            idx = order[(i % count) * self.batch_size : (i % count + 1) * self.batch_size]
             yield self.normalise(self.images[idx]), self.labels[idx]
 
     def eval_batches(self, batch_size: int, rank: int = 0, world: int = 1):

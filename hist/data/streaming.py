@@ -107,11 +107,13 @@ class StreamingLoader:
         x = x.permute(0, 3, 1, 2).contiguous(memory_format=self.memory_format)  # in uint8: 4x cheaper than in float
         return ((x.float().div_(255) - self.mean) / self.std).contiguous(memory_format=self.memory_format)
 
-    def calibration_batches(self, n_batches: int):
-        """The same unaugmented batches on every rank (a fixed permutation of the whole split)."""
+    def calibration_batches(self, n_batches: int, first: int = 0):
+        """Unaugmented batches `first`, `first` + 1, ... of a fixed permutation of the whole split
+        (wrapping around), the same on every rank for the same `first`."""
         order = calibration_order(len(self.split), self.seed).numpy()
-        count = min(n_batches, len(order) // self.batch_size)
-        yield from self._stream(order[i * self.batch_size : (i + 1) * self.batch_size] for i in range(count))
+        count = len(order) // self.batch_size
+        batches = ((i % count) * self.batch_size for i in range(first, first + min(n_batches, count)))
+        yield from self._stream(order[s : s + self.batch_size] for s in batches)
 
     def eval_batches(self, batch_size: int, rank: int = 0, world: int = 1):
         """Contiguous slice `rank` of the whole split, unaugmented, in batches."""

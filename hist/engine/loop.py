@@ -22,6 +22,7 @@ from ..methods import Method
 from ..models import PreActResNet
 from .clock import PhaseClock
 from .evaluation import evaluate
+from .noise import probe_noise
 from .precision import Precision
 from .rounds import round_starts
 from .schedule import lr_at
@@ -191,7 +192,8 @@ def train(
             )
         )
         checkpoint_now = stop_now or final or (cfg.checkpoint_every and (r + 1) % cfg.checkpoint_every == 0)
-        method.end_round(r, full=bool(evaluate_now or checkpoint_now))
+        probe_now = cfg.noise_every and (r + 1) % cfg.noise_every == 0
+        method.end_round(r, full=bool(evaluate_now or checkpoint_now or probe_now))
         clock.lap("sync")
         phases = clock.read()
         stats.data_s, stats.compute_s, stats.sync_s = (phases.get(k, 0.0) for k in ("data", "compute", "sync"))
@@ -215,6 +217,11 @@ def train(
                 mean_loss = sum(per_rank["loss"]) / len(per_rank["loss"])
                 progress.update(r + 1, epoch, wall, wall - last_wall, mean_loss, lr, images, phase_sums)
         last_wall = wall
+        if probe_now:  # the gradient noise scale's two norms, on the global model (not timed in the round)
+            k = (r + 1) // cfg.noise_every
+            x, y = next(iter(train_data.calibration_batches(1, first=k * sync.size + sync.rank)))
+            probe = probe_noise(model, x, y, method.eval_scale(), sync)
+            writer.add_noise(r, epoch, probe.small_batch, probe.big_batch, probe.small_sq, probe.big_sq)
         if evaluate_now:
             loss, acc, top5 = evaluate_model()
             result.final_loss, result.final_accuracy, result.final_top5 = loss, acc, top5

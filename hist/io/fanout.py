@@ -16,6 +16,11 @@ class Fanout:
         for w in self.writers:
             w.add_eval(*args)
 
+    def add_noise(self, *args) -> None:
+        for w in self.writers:
+            if hasattr(w, "add_noise"):  # the timing file only: TensorBoard has no noise-scale view
+                w.add_noise(*args)
+
     def finish(self, *args) -> None:
         for w in self.writers:
             w.finish(*args)

@@ -14,7 +14,7 @@ import pickle
 import select
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
@@ -51,6 +51,15 @@ EVAL_COLUMNS = {
 # Columns added after schema version 1's first files: read as NaN where a file lacks them.
 LATER_EVAL_COLUMNS = ("test_top5",)
 LATER_ROUND_COLUMNS = ("lr",)
+# Gradient-noise-scale probes (--noise-every), a group created at the first probe.
+NOISE_COLUMNS = {
+    "round": ("i8", "1", "round after which the probe ran"),
+    "epoch": ("f8", "epoch", "epochs completed"),
+    "small_batch": ("i8", "1", "images behind one small gradient (half a rank's batch)"),
+    "big_batch": ("i8", "1", "images behind the averaged gradient (every rank's two halves)"),
+    "small_sq": ("f8", "1", "|G_small|^2: squared norm of a half-batch gradient, mean over all halves"),
+    "big_sq": ("f8", "1", "|G_big|^2: squared norm of the average of all half-batch gradients"),
+}
 # IST only, per subnetwork: created at the first IST round (earlier warm-up rows: -1, the full model).
 BLOCKS_COLUMN = ("blocks", "i4", "1", "partitioned blocks each subnetwork trained in the round (-1: the full model)")
 
@@ -128,6 +137,10 @@ class TimingWriter:
         keep_e = int(np.searchsorted(f["evals/round"][:], start_round))
         for name in EVAL_COLUMNS:
             f["evals"][name].resize(keep_e, axis=0)
+        if "noise" in f:
+            keep_n = int(np.searchsorted(f["noise/round"][:], start_round))
+            for name in NOISE_COLUMNS:
+                f["noise"][name].resize(keep_n, axis=0)
 
     def add_round(
         self,
@@ -170,6 +183,18 @@ class TimingWriter:
             ):
                 _append(e[name], value)
 
+    def add_noise(
+        self, round_index: int, epoch: float, small_batch: int, big_batch: int, small_sq: float, big_sq: float
+    ) -> None:
+        with self._open("a") as f:
+            if "noise" not in f:
+                group = f.create_group("noise")
+                for name, (dtype, unit, doc) in NOISE_COLUMNS.items():
+                    _create(group, name, dtype, None, unit, doc)
+            row = (round_index, epoch, small_batch, big_batch, small_sq, big_sq)
+            for name, value in zip(NOISE_COLUMNS, row):
+                _append(f["noise"][name], value)
+
     def finish(self, status: str, total_wall_s: float) -> None:
         with self._open("a") as f:
             f.attrs["status"] = status
@@ -198,6 +223,7 @@ class Run:
     attrs: dict
     rounds: dict[str, np.ndarray]
     evals: dict[str, np.ndarray]
+    noise: dict[str, np.ndarray] = field(default_factory=dict)  # NOISE_COLUMNS; empty without probes
 
     @property
     def config(self) -> dict:
@@ -241,6 +267,7 @@ def read_checked(path: Path) -> Run:
             }
             n_evals = len(evals["round"])
             evals = {k: np.full(n_evals, np.nan) if v is None else v for k, v in evals.items()}
+            noise = {k: f["noise"][k][:] for k in NOISE_COLUMNS} if "noise" in f else {}
         for name, kind in REQUIRED_ATTRS.items():
             attrs[name] = kind(attrs[name])
         attrs["width"] = float(attrs.get("width", 1.0))
@@ -265,7 +292,10 @@ def read_checked(path: Path) -> Run:
     rounds = {k: v[:n] for k, v in rounds.items()}
     m = min(len(v) for v in evals.values())
     evals = {k: v[:m] for k, v in evals.items()}
-    return Run(path, attrs, rounds, evals)
+    if noise:
+        k = min(len(v) for v in noise.values())
+        noise = {name: v[:k] for name, v in noise.items()}
+    return Run(path, attrs, rounds, evals, noise)
 
 
 def read_run(path, timeout_s: float = 60.0) -> Run:
