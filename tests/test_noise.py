@@ -50,7 +50,7 @@ def test_process_counts_that_pay_stop_at_the_critical_batch():
 def test_probes_measure_on_every_rank_and_change_nothing_of_the_training(tmp_path, method):
     """dp (Horovod's hooks must not fire on a probe) and IST (a probe round syncs the whole model):
     the run with probes trains exactly like the one without; hist-report states and draws B_simple."""
-    args = [BIN / "hist-train", "synthetic", "--epochs", "3", *TINY, "--method", method]
+    args = [BIN / "hist-train", "synthetic", "--epochs", "2", *TINY, "--method", method]
     horovodrun(2, *args, "--noise-every", "2", "--out", tmp_path / "probed.h5")
     horovodrun(2, *args, "--out", tmp_path / "plain.h5")
     probed, plain = rounds(tmp_path / "probed.h5"), rounds(tmp_path / "plain.h5")
