@@ -26,6 +26,11 @@ DATA_SPLITS = ("shard", "full")
 ROUND_SCHEDULES = ("constant", "post-local", "qsr")
 # ist: even block counts, or counts that follow each subnetwork's measured speed (hist.models.balance)
 BALANCES = ("none", "speed")
+# evaluation: BatchNorm statistics recomputed for the full model on training batches, or each
+# test batch's own (the ResIST release evaluates in training mode)
+EVAL_BNS = ("recalibrate", "batch")
+# evaluation: IST's partitioned branches scaled by each block's training probability, or not at all
+TEST_SCALES = ("auto", "none")
 
 # A one-process run trains the full model whatever method was asked for; it is labelled so.
 SINGLE = "single"

@@ -170,6 +170,18 @@ def _apply_preset(ctx: click.Context, param, name):
     help="linear: peak lr x processes (pair with --warmup-epochs).",
 )
 @click.option("--bn-batches", default=Config.bn_batches, help="Batches that recalibrate BatchNorm before evaluation.")
+@click.option(
+    "--eval-bn",
+    default=Config.eval_bn,
+    type=click.Choice(choices.EVAL_BNS),
+    help="recalibrate: BatchNorm statistics recomputed for the full model; batch: each test batch's own.",
+)
+@click.option(
+    "--test-scale",
+    default=Config.test_scale,
+    type=click.Choice(choices.TEST_SCALES),
+    help="IST at evaluation: auto scales each block by its training probability (1/S); none: unscaled.",
+)
 @click.option("--eval-every", default=Config.eval_every, help="Rounds between evaluations (0 = at the end).")
 @click.option(
     "--eval-every-epochs",

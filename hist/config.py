@@ -11,6 +11,7 @@ from .choices import (
     BLOCK_TRANSPORTS,
     DATA_SPLITS,
     DEVICES,
+    EVAL_BNS,
     FOLDER_DATASETS,
     LR_SCALINGS,
     METHODS,
@@ -20,6 +21,7 @@ from .choices import (
     SCHEDULES,
     SHARED_PRECISIONS,
     STOP_SIGNALS,
+    TEST_SCALES,
 )
 from .errors import HistError
 
@@ -76,6 +78,8 @@ class Config:
     warmup_epochs: float = 0.5  # linear warm-up from lr/10 over this many epochs (every method, one process too)
     lr_scaling: str = "auto"  # auto: linear under --data-split shard, none under full | linear: peak lr x processes (Goyal et al.), every method | none
     bn_batches: int = 8  # training batches that recalibrate BatchNorm statistics before evaluation
+    eval_bn: str = "recalibrate"  # recalibrate: BatchNorm statistics recomputed for the full model on bn_batches training batches | batch: each test batch's own statistics (the ResIST release)
+    test_scale: str = "auto"  # auto: IST's partitioned branches scaled by each block's probability of being trained (1/S without overlap) | none: unscaled
     eval_every: int = 0  # rounds between evaluations (0 = only at the end)
     eval_every_epochs: float = 0.0  # also evaluate at the first round end after every this many epochs (0 = off)
     eval_batch_size: int = 256  # evaluation batch
@@ -124,6 +128,8 @@ class Config:
             _one_of("--data-split", self.data_split, DATA_SPLITS),
             _one_of("--round-schedule", self.round_schedule, ROUND_SCHEDULES),
             _one_of("--balance", self.balance, BALANCES),
+            _one_of("--eval-bn", self.eval_bn, EVAL_BNS),
+            _one_of("--test-scale", self.test_scale, TEST_SCALES),
             (
                 self.balance == "none" or self.method == "ist",
                 f"--balance {self.balance} moves IST's blocks; --method {self.method} trains the full model "

@@ -65,3 +65,9 @@ def test_probes_measure_on_every_rank_and_change_nothing_of_the_training(tmp_pat
     report = run([BIN / "hist-report", tmp_path / "probed.h5", "-o", tmp_path / "report"]).stdout
     assert "gradient noise scale, probed.h5: B_simple" in report and "data parallelism pays up to" in report
     assert (tmp_path / "report" / "noise_scale.png").stat().st_size > 0
+    if method == "ist":  # the evaluation switches, on the finished run's model (--resume evaluates it again)
+        final = probed[1]["test_loss"][-1]
+        for switch in (["--test-scale", "none"], ["--eval-bn", "batch"]):
+            again = horovodrun(2, *args, "--out", tmp_path / "probed.h5", "--resume", *switch).stdout
+            loss = again.split("final test accuracy")[1].split("test loss")[1].split()[0]
+            assert loss != f"{final:.4f}", switch  # the evaluation is deterministic: only the switch can move it

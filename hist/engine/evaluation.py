@@ -28,12 +28,19 @@ def recalibrate_batchnorm(model: torch.nn.Module, batches) -> None:
 
 @torch.no_grad()
 def evaluate(
-    model, test: DeviceLoader, calibration, sync: Synchroniser, scale: float, batch_size: int
+    model, test: DeviceLoader, calibration, sync: Synchroniser, scale: float, batch_size: int, bn: str = "recalibrate"
 ) -> tuple[float, float, float]:
-    """(mean loss, top-1 %, top-5 %) of the full model on the whole test split, shared among ranks."""
+    """(mean loss, top-1 %, top-5 %) of the full model on the whole test split, shared among ranks.
+
+    `bn` "batch" normalises each test batch by its own statistics (training mode, as the ResIST
+    release evaluates); the running statistics it leaves are never used, since each evaluation
+    recalibrates or ignores them and training normalises by batch."""
     model.set_full(scale)
-    recalibrate_batchnorm(model, calibration)
-    model.eval()
+    if bn == "batch":
+        model.train()
+    else:
+        recalibrate_batchnorm(model, calibration)
+        model.eval()
     # Sums stay on the model's device (no host read per batch; a CPU tensor stacked with CUDA
     # scalars would fail) and come to the host once, for the allreduce.
     device = next(model.parameters()).device

@@ -121,7 +121,8 @@ def train(
             # BatchNorm calibration batches are made afresh each time (at 224 pixels, keeping
             # them would hold bn_batches full batches on the device for the whole run).
             calibration = train_data.calibration_batches(cfg.bn_batches)
-            return evaluate(model, test_data, calibration, sync, method.eval_scale(), cfg.eval_batch_size)
+            scale = method.eval_scale() if cfg.test_scale == "auto" else 1.0
+            return evaluate(model, test_data, calibration, sync, scale, cfg.eval_batch_size, cfg.eval_bn)
 
     result = Result(n_rounds, None, None, 0.0)
     if start_round >= n_rounds:  # resuming a run that had finished: report its model again
