@@ -233,3 +233,23 @@ def test_epoch_table_gives_each_runs_accuracy_per_evaluation(runs_dir):
     lines = proc.stdout.splitlines()
     assert lines[0] == "| run | 1 | 2 |"  # write_run evaluates after epochs 1.0 and 2.0
     assert "| single np1 | 50.00 | 80.00 |" in lines and "| dp (shard) np2 | 40.00 | 70.00 |" in lines
+
+
+def test_runs_that_differ_in_an_option_get_rows_of_their_own_and_seeds_still_average(tmp_path):
+    config = lambda seed, schedule: {"seed": seed, "batch_size": 10, "local_iters": 10, "round_schedule": schedule}
+    write_run(tmp_path / "single.h5", "single", 1, 4.0, config=config(0, "constant"))
+    for seed, acc in ((0, 70.0), (1, 74.0)):
+        write_run(tmp_path / f"c{seed}.h5", "ist", 2, 1.0, accs=(50.0, acc), config=config(seed, "constant"))
+    write_run(tmp_path / "q.h5", "ist", 2, 2.0, accs=(50.0, 60.0), config=config(0, "qsr"))
+    runs = load_runs([tmp_path])
+    rows, notes = summarise(runs)
+    by = {(r["method"], r["variant"]): r for r in rows}
+    assert set(by) == {("single", ""), ("ist", "--round-schedule constant"), ("ist", "--round-schedule qsr")}
+    constant, qsr = by[("ist", "--round-schedule constant")], by[("ist", "--round-schedule qsr")]
+    assert constant["runs"] == 2 and constant["final_accuracy"] == pytest.approx(72.0)
+    assert qsr["runs"] == 1 and qsr["final_accuracy"] == 60.0 and qsr["speedup"] == pytest.approx(2.0)
+    from hist.analysis.report import format_epoch_table, format_paper_table, format_table
+
+    assert "| ist (shard) --round-schedule qsr |" in format_paper_table(rows, notes)
+    assert format_table(rows, notes).splitlines()[0].endswith("variant")
+    assert "| ist (shard) --round-schedule qsr np2 | 50.00 | 60.00 |" in format_epoch_table(runs, notes)

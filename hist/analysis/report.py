@@ -1,7 +1,8 @@
 """hist-report: speedup, time to accuracy, round breakdown and communication from timing files.
 
-Runs are grouped by (dataset, arch, width, method, data split, world size); each group becomes
-one table row and one point on the figures. A one-process run is the same under both data
+Runs are grouped by (dataset, arch, width, method, data split, world size) and by any training
+option that tells runs of such a group apart (`--round-schedule qsr`: unlike runs never average
+into one row; seeds do); each group becomes one table row and one point on the figures. A one-process run is the same under both data
 splits (`--data-split`), so it is labelled `both` and is the baseline of either. The baseline is the one-process run of the same dataset,
 arch and width; without one, speedups are relative to the smallest world size present and
 the table says so.
@@ -9,6 +10,7 @@ the table says so.
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from pathlib import Path
 
@@ -26,6 +28,7 @@ COLUMNS = (
     "method",
     "data_split",
     "world_size",
+    "variant",
     "runs",
     "epochs",
     "seconds_per_epoch",
@@ -138,14 +141,40 @@ def split_label(run: Run) -> str:
     return BOTH_SPLITS if int(run.attrs["world_size"]) == 1 else run.data_split
 
 
-def _key(run: Run) -> tuple:
+def _base_key(run: Run) -> tuple:
     a = run.attrs
     return (a["dataset"], a["arch"], float(a.get("width", 1.0)), a["method"], split_label(run), int(a["world_size"]))
 
 
+# Options that say where a run's files live or how it is watched, not what it trained or how
+# fast: runs that differ only in these (or in the seed, which a row averages over) share a row.
+BOOKKEEPING_OPTIONS = frozenset(
+    {"seed", "out", "data_dir", "resume", "log_every", "tensorboard", "checkpoint", "checkpoint_every", "stop_signal"}
+)
+
+
+def variants(runs: list[Run]) -> dict[int, str]:
+    """Per run (by id): the options, as flags, in which it differs from other runs of its
+    group (`--round-schedule qsr`), so a comparison of schedules is not averaged into one row.
+    Options that some file of the group predates are left out of the comparison."""
+    groups = defaultdict(list)
+    for run in runs:
+        groups[_base_key(run)].append(run)
+    labels = {}
+    for group in groups.values():
+        common = set.intersection(*(set(r.config) for r in group)) - BOOKKEEPING_OPTIONS
+        value = lambda r, k: json.dumps(r.config[k], sort_keys=True, default=str)
+        differ = sorted(k for k in common if len({value(r, k) for r in group}) > 1)
+        for r in group:
+            labels[id(r)] = " ".join(f"--{k.replace('_', '-')} {r.config[k]}" for k in differ)
+    return labels
+
+
 def method_label(row: dict) -> str:
-    """The method with its protocol where there is one to say: `ist (full)`."""
-    return row["method"] if row["data_split"] == BOTH_SPLITS else f"{row['method']} ({row['data_split']})"
+    """The method with its protocol where there is one to say, and its variant where the report
+    holds others of its kind: `ist (full)`, `ist (shard) --round-schedule qsr`."""
+    label = row["method"] if row["data_split"] == BOTH_SPLITS else f"{row['method']} ({row['data_split']})"
+    return f"{label} {row['variant']}" if row.get("variant") else label
 
 
 def time_to(run: Run, target: float | None) -> float | None:
@@ -190,11 +219,12 @@ def summarise(runs: list[Run], target_accuracy: float | None = None) -> tuple[li
         if target_accuracy is not None:
             notes.append(f"time to target: target accuracy {target_accuracy:.2f}% ({why})")
     groups = defaultdict(list)
+    variant = variants(runs)
     for run in runs:
-        groups[_key(run)].append(_run_figures(run, target_accuracy))
+        groups[(*_base_key(run), variant[id(run)])].append(_run_figures(run, target_accuracy))
     rows = []
     for key, figs in sorted(groups.items()):
-        dataset, arch, width, method, split, world = key
+        dataset, arch, width, method, split, world, flags = key
         row = {
             "dataset": dataset,
             "arch": arch,
@@ -202,6 +232,7 @@ def summarise(runs: list[Run], target_accuracy: float | None = None) -> tuple[li
             "method": method,
             "data_split": split,
             "world_size": world,
+            "variant": flags,
             "runs": len(figs),
         }
         for name in figs[0]:
@@ -218,7 +249,11 @@ def summarise(runs: list[Run], target_accuracy: float | None = None) -> tuple[li
         if singles:
             base, row["baseline"] = singles[0], "1 process"
         else:
-            same = [x for x in model if (x["method"], x["data_split"]) == (row["method"], row["data_split"])]
+            same = [
+                x
+                for x in model
+                if (x["method"], x["data_split"], x["variant"]) == (row["method"], row["data_split"], row["variant"])
+            ]
             base = min(same, key=lambda x: x["world_size"])
             row["baseline"] = f"{base['world_size']} processes (no 1-process run)"
             note = (
@@ -230,12 +265,15 @@ def summarise(runs: list[Run], target_accuracy: float | None = None) -> tuple[li
         row["speedup"] = base["seconds_per_epoch"] / row["seconds_per_epoch"]
         tb, tr = base["time_to_target_s"], row["time_to_target_s"]
         row["speedup_to_target"] = tb / tr if tb and tr else None
-        local = [
-            x
-            for x in model
-            if x["method"] == "local-sgd"
-            and (x["world_size"], x["data_split"]) == (row["world_size"], row["data_split"])
-        ]
+        local = sorted(
+            (
+                x
+                for x in model
+                if x["method"] == "local-sgd"
+                and (x["world_size"], x["data_split"]) == (row["world_size"], row["data_split"])
+            ),
+            key=lambda x: x["variant"] != row["variant"],  # its own variant's local SGD first
+        )
         row["speedup_vs_local_sgd"] = (
             local[0]["seconds_per_epoch"] / row["seconds_per_epoch"]
             if local and row["world_size"] > 1 and row["method"] != "local-sgd"
@@ -311,9 +349,13 @@ def format_epoch_table(runs: list[Run], notes: list[str]) -> str:
     columns = sorted({round(float(e), 1) for r in runs for e in r.evals["epoch"]})
     head = "| run | " + " | ".join(f"{c:g}" for c in columns) + " |"
     lines = [head, "|" + " --- |" * (len(columns) + 1)]
-    for run in sorted(runs, key=lambda r: (int(r.attrs["world_size"]), r.attrs["method"], split_label(r))):
+    variant = variants(runs)
+    order = lambda r: (int(r.attrs["world_size"]), r.attrs["method"], split_label(r), variant[id(r)])
+    for run in sorted(runs, key=order):
         world = int(run.attrs["world_size"])
-        label = method_label({"method": run.attrs["method"], "data_split": split_label(run)})
+        label = method_label(
+            {"method": run.attrs["method"], "data_split": split_label(run), "variant": variant[id(run)]}
+        )
         seed = run.config.get("seed")
         at = {round(float(e), 1): float(a) for e, a in zip(run.evals["epoch"], run.evals["test_accuracy"])}
         cells = [f"{at[c]:.2f}" if c in at else "" for c in columns]
@@ -365,7 +407,9 @@ def format_table(rows: list[dict], notes: list[str]) -> str:
                 fmt(r["bytes_per_round"] / 1e6, 3),
             )
         )
-    widths = [max(len(l[i]) for l in lines) for i in range(len(head))]
+    if any(r["variant"] for r in rows):  # the options that tell runs of one kind apart, last
+        lines = [lines[0] + ("variant",)] + [line + (r["variant"] or "-",) for line, r in zip(lines[1:], rows)]
+    widths = [max(len(l[i]) for l in lines) for i in range(len(lines[0]))]
     text = "\n".join("  ".join(c.rjust(w) for c, w in zip(l, widths)) for l in lines)
     return text + "".join(f"\nnote: {n}" for n in notes)
 
@@ -424,6 +468,7 @@ def draw_figures(runs: list[Run], rows: list[dict], out: Path) -> list[Path]:
     save(fig, "speedup")
 
     fig, ax = plt.subplots(figsize=(6, 4))
+    variant = variants(runs)
     for run in runs:
         if len(run.evals["wall_s"]):
             seed = run.config.get("seed")
@@ -433,6 +478,7 @@ def draw_figures(runs: list[Run], rows: list[dict], out: Path) -> list[Path]:
                 marker=".",
                 label=f"{run.attrs['method']} np{run.attrs['world_size']}"
                 + (f" {run.data_split}" if int(run.attrs["world_size"]) > 1 else "")
+                + (f" {variant[id(run)]}" if variant[id(run)] else "")
                 + (f" seed {seed}" if seed else ""),
             )
     ax.set(xlabel="wall-clock time (s)", ylabel="test accuracy (%)", title="Accuracy against time")
