@@ -151,6 +151,19 @@ def _spawn(args):
     return spawn(2, BIN / "hist-train", *args)
 
 
+def _remount_read_only(mnt, within=60.0):
+    """Remount as an administrator would: the kernel refuses ("mount point is busy") while a rank
+    has a file open for writing there, so try again between the run's writes."""
+    deadline = time.time() + within
+    while True:
+        proc = subprocess.run(["mount", "-o", "remount,ro", str(mnt)], capture_output=True, text=True)
+        if proc.returncode == 0:
+            return
+        if time.time() > deadline:
+            pytest.fail(f"could not remount {mnt} read-only within {within:.0f} s: {proc.stderr.strip()}")
+        time.sleep(0.05)
+
+
 @pytest.mark.parametrize("fault", ["disk-full", "read-only"])
 @pytest.mark.multiprocess
 @pytest.mark.slow
@@ -173,7 +186,7 @@ def test_a_failing_disk_ends_the_job_with_one_line_and_keeps_the_checkpoint(tmp_
                 except OSError:
                     pass
         else:
-            subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+            _remount_read_only(mnt)
         try:
             stdout, stderr = proc.communicate(timeout=180)
         except subprocess.TimeoutExpired:

@@ -149,7 +149,7 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes(slurm, tmp_path, cif
         *override,
         "slurm/ist_2gpu.sbatch",
         "--epochs",
-        "3",
+        "1.5",  # 21 rounds: the signal comes after the third, the resumed job runs the rest
         "--checkpoint-every",
         "3",
         *TINY,
@@ -178,7 +178,7 @@ def test_the_sweep_submits_runs_and_a_report(slurm, tmp_path, cifar_sample):
     env = job_env(
         sweep_dir, GPUS="1 2 4", METHODS="ist local-sgd dp", SWEEP_DIR=str(sweep_dir), SBATCH_ARGS="--cpus-per-task=1"
     )
-    out = slurm.cmd("bash", "jobs/sweep.sh", "cifar10", "--", "--epochs", "0.5", *TINY, cwd=ROOT, env=env).stdout
+    out = slurm.cmd("bash", "jobs/sweep.sh", "cifar10", "--", "--epochs", "0.25", *TINY, cwd=ROOT, env=env).stdout
     ids = re.findall(r"submitted (\d+)", out)
     assert len(ids) == 8  # 1 single + (2 and 4 GPUs) x 3 methods + report
     for job in ids:

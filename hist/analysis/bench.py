@@ -23,7 +23,7 @@ import torch
 from .. import data as datasets
 from ..choices import PRECISIONS, SINGLE
 from ..comm import horovod_version, ring_allreduce_bytes, round_bytes
-from ..engine.precision import Precision
+from ..engine.precision import Precision, precision_supported
 from ..io.timings import read_run
 from ..models import build_model, conv_flops, make_plan, shared_and_partitioned
 
@@ -79,26 +79,6 @@ def subnet_step_ratio(width: float, batch: int, device, steps: int, warmup: int)
         out["flops_ratio"][str(s)] = conv_flops(model, blocks) / full_flops
         model.set_full()
     return out
-
-
-def cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
-    except OSError:
-        return set()
-
-
-def precision_supported(precision: str, device: torch.device) -> str | None:
-    """Why `device` has no fast path for `precision` (None: it has one, so it is measured).
-    bf16 needs Ampere or newer on a GPU, AVX-512 BF16 or AMX on a CPU; CPUs emulate fp16."""
-    if precision == "fp32":
-        return None
-    if device.type == "cuda":
-        return None if precision == "fp16" or torch.cuda.is_bf16_supported() else "bf16 needs an Ampere or newer GPU"
-    if precision == "fp16":
-        return "no fp16 fast path on a CPU"
-    return None if cpu_flags() & {"avx512_bf16", "amx_bf16"} else "no bf16 fast path on this CPU (AVX-512 BF16, AMX)"
 
 
 def precision_layout(width: float, batch: int, device, steps: int, warmup: int) -> list[dict]:

@@ -26,6 +26,27 @@ def check_supported(kind: str, device: torch.device) -> None:
         )
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (/proc/cpuinfo), empty where they cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+def precision_supported(precision: str, device: torch.device) -> str | None:
+    """Why `device` has no fast path for `precision` (None: it has one, so it is measured).
+    bf16 needs Ampere or newer on a GPU, AVX-512 BF16 or AMX on a CPU; CPUs emulate fp16."""
+    if precision == "fp32":
+        return None
+    if device.type == "cuda":
+        return None if precision == "fp16" or torch.cuda.is_bf16_supported() else "bf16 needs an Ampere or newer GPU"
+    if precision == "fp16":
+        return "no fp16 fast path on a CPU"
+    return None if cpu_flags() & {"avx512_bf16", "amx_bf16"} else "no bf16 fast path on this CPU (AVX-512 BF16, AMX)"
+
+
 class Precision:
     """`--precision`: autocast context, (scaled) backward, and the optimizer step."""
 
