@@ -58,6 +58,11 @@ hist_slurm_run() {
   fi
   local rc=0
   "${cmd[@]}" || rc=$?
+  if [ "$rc" = 0 ] && [ ! -e "$out" ]; then
+    # srun exits 0 when its tasks fail to launch (a PMIx or cgroup fault on the node): say so
+    echo "hist: error: srun exited 0 but no task wrote $out: the tasks did not launch; see srun's errors above and slurmd's log on ${SLURM_JOB_NODELIST:-the node}"
+    rc=1
+  fi
   echo "hist: end $(date -u +%FT%TZ) exit $rc"
   if [ "$rc" = 3 ]; then
     # hist-train checkpointed on the time-limit signal: run again, resuming, under the same id.

@@ -173,6 +173,30 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes(slurm, tmp_path, cif
         assert len(f.attrs["resumed_at_round"]) >= 1
 
 
+def test_a_job_whose_tasks_fail_to_launch_fails_with_one_line(slurm, tmp_path, cifar_sample):
+    """srun exits 0 when every task fails to launch. A real launch fault, made the way a killed
+    earlier job leaves one: its PMIx directory for this job's step is already there."""
+    job = slurm.sbatch(
+        "--hold",
+        "--cpus-per-task=1",
+        f"--output={tmp_path}/%x-%j.out",
+        "slurm/ist_2gpu.sbatch",
+        "--epochs",
+        "0.25",
+        *TINY,
+        cwd=ROOT,
+        env=job_env(tmp_path),
+    )
+    (slurm.root / "tmp" / f"spmix_appdir_{os.getuid()}_{job}.0").mkdir(parents=True)
+    slurm.cmd("scontrol", "release", job)
+    info = slurm.wait(job, 300)
+    log = (tmp_path / f"hist-2gpu-{job}.out").read_text()
+    assert info["JobState"] == "FAILED" and info["ExitCode"].startswith("1:"), (info, log)
+    line = next(x for x in log.splitlines() if x.startswith("hist: error:"))
+    assert "srun exited 0" in line and "did not launch" in line and f"np2-{job}.h5" in line
+    assert "exit 1" in log.splitlines()[-1]
+
+
 def test_the_sweep_submits_runs_and_a_report(slurm, tmp_path, cifar_sample):
     sweep_dir = tmp_path / "sweep"
     env = job_env(

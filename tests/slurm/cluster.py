@@ -41,7 +41,7 @@ class Cluster:
         self.root = root
         self.host = socket.gethostname().split(".")[0]
         self.procs: list[subprocess.Popen] = []
-        for d in ("state", "spool", "log", "run", "dev"):
+        for d in ("state", "spool", "log", "run", "dev", "tmp"):
             (root / d).mkdir(parents=True, exist_ok=True)
         self.conf = root / "slurm.conf"
         self.env = dict(os.environ, SLURM_CONF=str(self.conf))
@@ -75,6 +75,9 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SlurmdParameters=config_overrides
 MpiDefault=pmix
+# PMIx's per-step directories (spmix_appdir_UID_JOB.STEP) under this cluster's own tmp: job ids
+# restart at 1 in every test cluster, and a killed earlier one's directories would fail the launch
+TmpFS={r}/tmp
 CommunicationParameters=NoCtldInAddrAny,NoInAddrAny
 GresTypes=gpu
 ReturnToService=2
