@@ -16,7 +16,7 @@ from hist.engine import lr_scaling, peak_lr
 from hist.errors import HistError
 from hist.presets import PRESETS
 
-from helpers import BIN, TINY_MODEL, horovodrun, options
+from helpers import BIN, TINY_MODEL, mpirun, options
 
 CPU = torch.device("cpu")
 
@@ -100,5 +100,5 @@ def test_full_split_run_counts_its_epochs_records_the_protocol_and_resumes_exact
         assert json.loads(f.attrs["config"])["data_split"] == "full"
     # the other protocol cannot resume this checkpoint
     other = [("shard" if a == "full" else a) for a in args]
-    proc = horovodrun(2, BIN / "hist-train", *other, "--out", out, "--resume", check=False)
+    proc = mpirun(2, BIN / "hist-train", *other, "--out", out, "--resume", check=False)
     assert proc.returncode != 0 and "data_split" in proc.stdout + proc.stderr

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import BIN, TINY_MODEL, horovodrun, options, run, spawn
+from helpers import BIN, TINY_MODEL, mpirun, options, run, spawn
 
 TINY = [*TINY_MODEL, *options(batch_size=16, synthetic_size=256, threads=1, local_iters=4, bn_batches=2)]
 
@@ -114,13 +114,11 @@ def test_a_diverging_run_stops_on_every_rank_and_keeps_the_good_rounds(tmp_path)
     out = tmp_path / "d.h5"
     ckpt = out.with_suffix(".ckpt.pt")
     args = ["synthetic", *TINY, "--checkpoint-every", "1", "--out", out]
-    horovodrun(2, BIN / "hist-train", *args, "--epochs", "1", timeout=240)  # sane: a good checkpoint
+    mpirun(2, BIN / "hist-train", *args, "--epochs", "1", timeout=240)  # sane: a good checkpoint
     good = torch.load(ckpt, map_location="cpu", weights_only=True)
     start = time.time()
     # continued with an absurd learning rate, as a user trying a bigger one would
-    proc = horovodrun(
-        2, BIN / "hist-train", *args, "--epochs", "3", "--lr", "1e12", "--resume", check=False, timeout=240
-    )
+    proc = mpirun(2, BIN / "hist-train", *args, "--epochs", "3", "--lr", "1e12", "--resume", check=False, timeout=240)
     assert time.time() - start < 200  # no rank waited for another
     line = one_line(proc, "hist-train", "diverged", "round", "rank", "--lr")
     with h5py.File(out) as f:

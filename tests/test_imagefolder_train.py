@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from test_train import cut_and_resume, rounds, same_model
 
-from helpers import BIN, horovodrun, options, run
+from helpers import BIN, mpirun, options, run
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
@@ -43,7 +43,7 @@ def test_every_method_trains_on_the_real_image_folder(image_sample, tmp_path, me
     if np_ == 1:
         run(args)
     else:
-        horovodrun(np_, *args, "--method", method, *extra)
+        mpirun(np_, *args, "--method", method, *extra)
     r, e, attrs = rounds(out)
     assert attrs["method"] == method and attrs["train_images"] == 600 and attrs["test_images"] == 200
     full = "full" in extra
@@ -70,7 +70,7 @@ def test_an_unreadable_image_on_one_rank_is_named_and_ends_every_rank(image_samp
     bad.write_bytes(bad.read_bytes()[:200])  # a cut-off download
     args = ["imagewoof", "--data-dir", data, "--epochs", "1", *SMALL, "--out", tmp_path / "bad.h5"]
     t = time.time()
-    proc = horovodrun(2, BIN / "hist-train", *args, check=False, timeout=300)
+    proc = mpirun(2, BIN / "hist-train", *args, check=False, timeout=300)
     assert proc.returncode != 0 and time.time() - t < 120
     assert f"cannot decode image {bad}" in proc.stdout + proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr

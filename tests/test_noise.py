@@ -9,7 +9,7 @@ from test_train import rounds
 
 from hist.analysis.noise import probe_estimates, processes_that_pay, step_speedup
 
-from helpers import BIN, horovodrun, run
+from helpers import BIN, mpirun, run
 
 
 def test_estimator_recovers_the_gradient_and_the_noise_of_known_per_example_gradients():
@@ -51,8 +51,8 @@ def test_probes_measure_on_every_rank_and_change_nothing_of_the_training(tmp_pat
     """dp (Horovod's hooks must not fire on a probe) and IST (a probe round syncs the whole model):
     the run with probes trains exactly like the one without; hist-report states and draws B_simple."""
     args = [BIN / "hist-train", "synthetic", "--epochs", "2", *TINY, "--method", method]
-    horovodrun(2, *args, "--noise-every", "2", "--out", tmp_path / "probed.h5")
-    horovodrun(2, *args, "--out", tmp_path / "plain.h5")
+    mpirun(2, *args, "--noise-every", "2", "--out", tmp_path / "probed.h5")
+    mpirun(2, *args, "--out", tmp_path / "plain.h5")
     probed, plain = rounds(tmp_path / "probed.h5"), rounds(tmp_path / "plain.h5")
     assert np.array_equal(probed[0]["loss"], plain[0]["loss"]) and np.array_equal(
         probed[1]["test_accuracy"], plain[1]["test_accuracy"]
@@ -68,6 +68,6 @@ def test_probes_measure_on_every_rank_and_change_nothing_of_the_training(tmp_pat
     if method == "ist":  # the evaluation switches, on the finished run's model (--resume evaluates it again)
         final = probed[1]["test_loss"][-1]
         for switch in (["--test-scale", "none"], ["--eval-bn", "batch"]):
-            again = horovodrun(2, *args, "--out", tmp_path / "probed.h5", "--resume", *switch).stdout
+            again = mpirun(2, *args, "--out", tmp_path / "probed.h5", "--resume", *switch).stdout
             loss = again.split("final test accuracy")[1].split("test loss")[1].split()[0]
             assert loss != f"{final:.4f}", switch  # the evaluation is deterministic: only the switch can move it

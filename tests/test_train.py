@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import BIN, TINY_MODEL, horovodrun, options, run, spawn
+from helpers import BIN, TINY_MODEL, horovodrun, mpirun, options, run, spawn
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
@@ -63,7 +63,7 @@ def test_ist_on_real_cifar10_sample_learns(cifar_sample, tmp_path):
 @pytest.mark.parametrize("method", ["ist", "local-sgd", "dp"])
 def test_four_processes_two_subnetworks_each_method(method, tmp_path):
     out = tmp_path / f"{method}.h5"
-    horovodrun(
+    mpirun(
         4,
         BIN / "hist-train",
         "synthetic",
@@ -100,7 +100,7 @@ def test_single_process_and_determinism(tmp_path):
 def test_two_process_ist_is_deterministic(tmp_path):
     a, b = tmp_path / "a.h5", tmp_path / "b.h5"
     for out in (a, b):
-        horovodrun(2, BIN / "hist-train", "synthetic", "--epochs", "1", *TINY, "--out", out)
+        mpirun(2, BIN / "hist-train", "synthetic", "--epochs", "1", *TINY, "--out", out)
     assert np.array_equal(rounds(a)[0]["loss"], rounds(b)[0]["loss"])
 
 
@@ -137,7 +137,7 @@ def _wait_for(path, proc, timeout=240):
 @pytest.mark.parametrize("how", ["sigkill", "sigusr1"])
 def test_killed_run_resumes_to_the_uninterrupted_model(tmp_path, how):
     ref = tmp_path / "ref.h5"
-    horovodrun(2, BIN / "hist-train", "synthetic", "--epochs", "6", *TINY, "--checkpoint-every", "2", "--out", ref)
+    mpirun(2, BIN / "hist-train", "synthetic", "--epochs", "6", *TINY, "--checkpoint-every", "2", "--out", ref)
     out = tmp_path / "cut.h5"
     proc = _spawn(["--stop-signal", "USR1"] if how == "sigusr1" else [], out)  # USR2 is the default
     _wait_for(out.with_suffix(".ckpt.pt"), proc)
@@ -152,7 +152,7 @@ def test_killed_run_resumes_to_the_uninterrupted_model(tmp_path, how):
     r, _, _ = rounds(out)  # the killed run's file stays readable
     ref_rounds = rounds(ref)[0]["round"]
     assert len(r["round"]) < len(ref_rounds)
-    horovodrun(
+    mpirun(
         2, BIN / "hist-train", "synthetic", "--epochs", "6", *TINY, "--checkpoint-every", "2", "--out", out, "--resume"
     )
     r, e, attrs = rounds(out)
@@ -184,13 +184,13 @@ def cut_and_resume(tmp_path, *args):
     """`hist-train ARGS` on 2 ranks uninterrupted, and again SIGKILLed after its first
     checkpoint and resumed: (reference timing file, resumed one, their final checkpoints)."""
     ref, out = tmp_path / "ref.h5", tmp_path / "cut.h5"
-    horovodrun(2, BIN / "hist-train", *args, "--out", ref)
+    mpirun(2, BIN / "hist-train", *args, "--out", ref)
     proc = spawn(2, BIN / "hist-train", *args, "--out", out, merge_output=True)
     _wait_for(out.with_suffix(".ckpt.pt"), proc)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(60)
     assert len(rounds(out)[0]["round"]) < len(rounds(ref)[0]["round"])  # it was cut short
-    horovodrun(2, BIN / "hist-train", *args, "--out", out, "--resume")
+    mpirun(2, BIN / "hist-train", *args, "--out", out, "--resume")
     load = lambda p: torch.load(p.with_suffix(".ckpt.pt"), map_location="cpu", weights_only=True)
     return ref, out, load(ref), load(out)
 
@@ -219,9 +219,7 @@ def test_resume_is_exact_with_momentum_outer_step_and_warmups(tmp_path, method):
 
 def test_local_sgd_warmup_rounds_train_and_send_the_full_model(tmp_path):
     out = tmp_path / "w.h5"
-    horovodrun(
-        2, BIN / "hist-train", "synthetic", "--epochs", "4", *TINY, "--warmup-local-sgd-epochs", "2", "--out", out
-    )
+    mpirun(2, BIN / "hist-train", "synthetic", "--epochs", "4", *TINY, "--warmup-local-sgd-epochs", "2", "--out", out)
     r, _, attrs = rounds(out)
     sent = r["bytes_sent"].sum(axis=1)
     # 8 steps an epoch, rounds of 4: four rounds of local SGD (the whole model averaged), then
@@ -258,7 +256,7 @@ def test_bf16_channels_last_trains_with_the_same_bytes(tmp_path, method):
     runs = {}
     for name, extra in (("fp32", []), ("bf16", ["--precision", "bf16", "--channels-last"])):
         out = tmp_path / f"{name}.h5"
-        horovodrun(2, BIN / "hist-train", "synthetic", "--epochs", "3", *TINY, "--method", method, *extra, "--out", out)
+        mpirun(2, BIN / "hist-train", "synthetic", "--epochs", "3", *TINY, "--method", method, *extra, "--out", out)
         runs[name] = rounds(out)
     r, e, attrs = runs["bf16"]
     assert r["loss"][-3:].mean() < r["loss"][:3].mean()  # it learns

@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 import pytest
 
-from helpers import BIN, ROOT, TINY_MODEL, horovodrun, mpi_env, options, run
+from helpers import BIN, ROOT, TINY_MODEL, mpi_env, mpirun, options, run
 
 pytestmark = [pytest.mark.slow]
 
@@ -78,7 +78,7 @@ def test_tensorboard_scalars_match_the_timing_file_rounds(tmp_path):
 
     out, logdir = tmp_path / "tb.h5", tmp_path / "tb"
     args = [BIN / "hist-train", "synthetic", *TINY, "--epochs", "0.5", "--eval-every", "10", "--tensorboard", logdir]
-    proc = horovodrun(2, *args, "--out", out)
+    proc = mpirun(2, *args, "--out", out)
     assert "% |" not in proc.stdout + proc.stderr  # mpirun's pseudo-terminal is a log, not a terminal: no bar
     events = EventAccumulator(str(logdir))
     events.Reload()
