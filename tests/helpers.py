@@ -78,6 +78,8 @@ def options(**values) -> list[str]:
 
 # The smallest network that still trains: ResNet-34 (5 partitioned blocks) at width 1/16.
 TINY_MODEL = options(arch="preact_resnet34", width=0.0625)
+# ...and a run of it that takes seconds: 512 synthetic images, 4-step rounds, one thread a rank.
+TINY_RUN = [*TINY_MODEL, *options(batch_size=32, threads=1, synthetic_size=512, local_iters=4, bn_batches=2)]
 
 
 def spawn(n, *args, merge_output=False):

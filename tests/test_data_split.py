@@ -16,7 +16,7 @@ from hist.engine import lr_scaling, peak_lr
 from hist.errors import HistError
 from hist.presets import PRESETS
 
-from helpers import BIN, TINY_MODEL, mpirun, options
+from helpers import BIN, TINY_RUN, mpirun
 
 CPU = torch.device("cpu")
 
@@ -78,7 +78,7 @@ def test_a_suite_folder_refuses_the_other_split(tmp_path):
     assert not list(folder.glob("*.h5"))  # refused before any run
 
 
-TINY = [*TINY_MODEL, *options(batch_size=32, threads=1, synthetic_size=512, local_iters=4, bn_batches=2)]
+TINY = TINY_RUN
 
 
 @pytest.mark.multiprocess

@@ -8,7 +8,7 @@ from hist.config import Config
 from hist.engine.rounds import round_starts, rounds_before
 from hist.errors import HistError
 
-from helpers import TINY_MODEL, options
+from helpers import TINY_RUN
 
 
 def lengths(starts):
@@ -37,7 +37,7 @@ def test_qsr_rounds_lengthen_as_the_learning_rate_falls():
         Config(round_schedule="qsr", qsr_alpha=0).validate()
 
 
-TINY = [*TINY_MODEL, *options(batch_size=32, threads=1, synthetic_size=512, local_iters=4, bn_batches=2)]
+TINY = TINY_RUN
 
 
 @pytest.mark.multiprocess

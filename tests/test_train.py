@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import BIN, TINY_MODEL, horovodrun, mpirun, options, run, spawn
+from helpers import BIN, TINY_RUN, horovodrun, mpirun, run, spawn
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
-TINY = [*TINY_MODEL, *options(batch_size=32, threads=1, synthetic_size=512, local_iters=4, bn_batches=2)]
+TINY = TINY_RUN
 
 
 def rounds(path):
@@ -134,10 +134,17 @@ def _wait_for(path, proc, timeout=240):
         time.sleep(0.2)
 
 
-@pytest.mark.parametrize("how", ["sigkill", "sigusr1"])
-def test_killed_run_resumes_to_the_uninterrupted_model(tmp_path, how):
-    ref = tmp_path / "ref.h5"
+@pytest.fixture(scope="module")
+def uninterrupted_run(tmp_path_factory):
+    """The run each way of cutting it short must resume to (made once for both)."""
+    ref = tmp_path_factory.mktemp("uninterrupted") / "ref.h5"
     mpirun(2, BIN / "hist-train", "synthetic", "--epochs", "6", *TINY, "--checkpoint-every", "2", "--out", ref)
+    return ref
+
+
+@pytest.mark.parametrize("how", ["sigkill", "sigusr1"])
+def test_killed_run_resumes_to_the_uninterrupted_model(tmp_path, how, uninterrupted_run):
+    ref = uninterrupted_run
     out = tmp_path / "cut.h5"
     proc = _spawn(["--stop-signal", "USR1"] if how == "sigusr1" else [], out)  # USR2 is the default
     _wait_for(out.with_suffix(".ckpt.pt"), proc)

@@ -26,6 +26,7 @@ from ..comm import horovod_version, ring_allreduce_bytes, round_bytes
 from ..engine.precision import Precision, precision_supported
 from ..io.timings import read_run
 from ..models import build_model, conv_flops, make_plan, shared_and_partitioned
+from .suite import on_local_ranks
 
 # ResIST paper, ResNet-101 on CIFAR-100, GB per round, all machines (Table in Dun et al., 2022).
 PUBLISHED_GB = {"ist": {"2": 0.454, "4": 0.720, "8": 1.289}, "local-sgd": {"2": 0.662, "4": 1.325, "8": 2.649}}
@@ -203,8 +204,7 @@ def _train(args: list[str], np_: int, out: Path, env: dict, device: str = "cpu")
     """One hist-train run on `device`; several ranks on one machine share its GPU on purpose."""
     cmd = [_bin("hist-train"), *args, "--device", device, "--out", str(out)]
     if np_ > 1:
-        cmd.append("--share-gpus")
-        cmd = [_bin("horovodrun"), "-np", str(np_), "-H", f"localhost:{np_}", *cmd]
+        cmd = on_local_ranks(np_, [*cmd, "--share-gpus"])
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")

@@ -68,9 +68,21 @@ def command(run: SuiteRun, dataset: str, preset: str, out: Path, extra: list[str
         str(out),
         *extra,
     ]
-    if run.processes > 1:
-        cmd = [str(bindir / "horovodrun"), "-np", str(run.processes), "-H", f"localhost:{run.processes}", *cmd]
-    return cmd
+    return on_local_ranks(run.processes, cmd)
+
+
+def on_local_ranks(processes: int, cmd: list[str]) -> list[str]:
+    """`cmd` as is for one process, else under this Python's horovodrun on as many ranks of this machine."""
+    if processes == 1:
+        return cmd
+    return [
+        str(Path(sys.executable).parent / "horovodrun"),
+        "-np",
+        str(processes),
+        "-H",
+        f"localhost:{processes}",
+        *cmd,
+    ]
 
 
 def run_suite(
