@@ -85,6 +85,9 @@ ReturnToService=2
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
 SchedulerType=sched/backfill
+# a pass a second (defaults: backfill every 30 s, the main loop every 60 s): a requeued job, or one
+# whose dependency just ended, starts within a second of being eligible instead of up to 30 s later
+SchedulerParameters=bf_interval=1,sched_interval=1
 MinJobAge=600
 KillWait=5
 InactiveLimit=0
