@@ -29,6 +29,9 @@ def mpi_env(**extra):
         OMPI_MCA_btl_tcp_if_include="lo",
         OMPI_MCA_oob_tcp_if_include="lo",
         OMPI_MCA_rmaps_base_oversubscribe="1",
+        # more ranks than cores (4 on 2): a waiting rank gives its core up instead of polling,
+        # which Open MPI does by itself only when it sees the oversubscription (-H host:N hides it)
+        OMPI_MCA_mpi_yield_when_idle="1",
         HOROVOD_GLOO_IFACE="lo",
     )
     env.update({k: str(v) for k, v in extra.items()})

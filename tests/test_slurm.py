@@ -108,6 +108,7 @@ def job_env(out_dir, **extra):
         "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
         "OMPI_MCA_btl_tcp_if_include": "lo",
         "OMPI_MCA_oob_tcp_if_include": "lo",
+        "OMPI_MCA_mpi_yield_when_idle": "1",  # the 4- and 8-rank jobs share 2 cores (helpers.mpi_env)
     }
     env["HIST_DATA"] = str(sample_dir())
     env.update(extra)
