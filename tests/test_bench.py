@@ -44,6 +44,9 @@ def test_bench_quick_prints_every_figure(cifar_sample):
     assert all(row["full_images_per_s"] > 0 and row["s8_images_per_s"] > 0 for row in measured.values())
     assert set(r["overlap"]["sync_s_per_round"]) == {"overlap", "no-overlap"}
     assert all(v > 0 for v in r["overlap"]["sync_s_per_round"].values())
+    phases = {"subnet_step_ratio", "precision_layout", "pipeline", "end_to_end", "overlap", "accuracy"}
+    assert set(r["phase_s"]) == phases and all(v > 0 for v in r["phase_s"].values())
+    assert sum(r["phase_s"].values()) <= r["bench_s"]
 
 
 def test_byte_counts_follow_the_models_sizes():

@@ -8,6 +8,7 @@ runs (one process against `horovodrun -np 2`), accuracy from real runs on CIFAR-
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import shutil
@@ -200,14 +201,21 @@ def _bin(name: str) -> str:
     return str(Path(sys.executable).parent / name)
 
 
-def _train(args: list[str], np_: int, out: Path, env: dict, device: str = "cpu") -> None:
-    """One hist-train run on `device`; several ranks on one machine share its GPU on purpose."""
-    cmd = [_bin("hist-train"), *args, "--device", device, "--out", str(out)]
-    if np_ > 1:
-        cmd = on_local_ranks(np_, [*cmd, "--share-gpus"])
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if proc.returncode:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+def _train(args: list[str], np_: int, tmp: Path, env: dict, device: str = "cpu"):
+    """One hist-train run on `device`, read back; several ranks on one machine share its GPU on
+    purpose. A run with the same options and ranks is trained once per benchmark (`tmp`): two
+    phases that need the same run (the quick bench's IST epoch and its overlapping sync) share it."""
+    key = hashlib.sha1(repr((args, np_, device)).encode()).hexdigest()[:12]
+    out = tmp / f"run-np{np_}-{key}.h5"
+    if not out.exists():
+        cmd = [_bin("hist-train"), *args, "--device", device, "--out", str(out)]
+        if np_ > 1:
+            cmd = on_local_ranks(np_, [*cmd, "--share-gpus"])
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if proc.returncode:
+            out.unlink(missing_ok=True)
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+    return read_run(out)
 
 
 def _env() -> dict:
@@ -243,14 +251,11 @@ def end_to_end(width: float, batch: int, local_iters: int, synthetic_size: int, 
     """Wall time per epoch: one full-model process against 2-process ist, local-sgd and dp."""
     common = _synthetic_epoch(width, batch, local_iters, synthetic_size)
     env = _env()
-    _train(common, 1, tmp / "single.h5", env, device)
-    single = read_run(tmp / "single.h5")
+    single = _train(common, 1, tmp, env, device)
     base = single.rounds["wall_s"][-1] / single.rounds["epoch"][-1]
     out = {"seconds_per_epoch": {SINGLE: float(base)}, "speedup_np2": {}, "sync_share": None}
     for method in ("ist", "local-sgd", "dp"):
-        path = tmp / f"{method}.h5"
-        _train(common + ["--method", method], 2, path, env, device)
-        run = read_run(path)
+        run = _train(common + ["--method", method], 2, tmp, env, device)
         per_epoch = float(run.rounds["wall_s"][-1] / run.rounds["epoch"][-1])
         out["seconds_per_epoch"][method] = per_epoch
         out["speedup_np2"][method] = base / per_epoch
@@ -272,12 +277,10 @@ def sync_overlap(
     allreduce and without (real hist-train runs; steady rounds, the last one left out)."""
     common = _synthetic_epoch(width, batch, local_iters, synthetic_size)
     out = {}
-    for flag in ("--no-overlap", "--overlap"):
-        path = tmp / f"sync{flag}.h5"
-        _train(common + [flag], 2, path, _env(), device)
-        r = read_run(path).rounds
+    for name, flags in (("no-overlap", ["--no-overlap"]), ("overlap", [])):  # overlap: hist-train's default
+        r = _train(common + ["--method", "ist", *flags], 2, tmp, _env(), device).rounds
         steady = slice(0, max(1, len(r["sync_s"]) - 1))
-        out[flag.removeprefix("--")] = float(r["sync_s"][steady].max(axis=1).mean())
+        out[name] = float(r["sync_s"][steady].max(axis=1).mean())
     return {"sync_s_per_round": out, "rounds": int(len(r["sync_s"]))}
 
 
@@ -307,8 +310,7 @@ def accuracy(data_dir, epochs: float, tmp: Path, device: str = "cpu") -> dict:
     env = _env()
     out = {"dataset": dataset}
     for key, np_ in ((SINGLE, 1), ("ist_s2", 2), ("ist_s4", 4)):
-        _train(common, np_, tmp / f"acc-{key}.h5", env, device)
-        out[key] = float(read_run(tmp / f"acc-{key}.h5").evals["test_accuracy"][-1])
+        out[key] = float(_train(common, np_, tmp, env, device).evals["test_accuracy"][-1])
     return out
 
 
@@ -336,7 +338,15 @@ def run(
     torch.set_num_threads(1)
     steps, warmup = (2, 1) if quick else (8, 3)
     t0 = time.time()
-    step = subnet_step_ratio(width, batch_size, device, steps, warmup)
+    phase_s = {}  # where the benchmark's own time goes, phase by phase
+
+    def timed(name, fn, *args):
+        start = time.time()
+        out = fn(*args)
+        phase_s[name] = time.time() - start
+        return out
+
+    step = timed("subnet_step_ratio", subnet_step_ratio, width, batch_size, device, steps, warmup)
     result = {
         "subnet_step_ratio": step["ratio"],
         "subnet_flops_ratio": step["flops_ratio"],
@@ -344,13 +354,15 @@ def run(
         "bytes_per_round": bytes_per_round(),
         "published_gb_per_round": PUBLISHED_GB,
     }
-    result["precision_layout"] = precision_layout(width, batch_size, device, steps, warmup)
-    pipe = pipeline_ratio(width, batch_size, device, steps, warmup)
+    result["precision_layout"] = timed("precision_layout", precision_layout, width, batch_size, device, steps, warmup)
+    pipe = timed("pipeline", pipeline_ratio, width, batch_size, device, steps, warmup)
     result["pipeline_ratio"] = pipe["ratio"]
     result["pipeline"] = pipe
     if not skip_runs and shutil.which(_bin("horovodrun")) is not None:
         with tempfile.TemporaryDirectory() as tmp:
-            e2e = end_to_end(
+            e2e = timed(
+                "end_to_end",
+                end_to_end,
                 0.0625 if quick else run_width,
                 16 if quick else batch_size,
                 4 if quick else 50,
@@ -359,7 +371,9 @@ def run(
                 device.type,
             )
             result.update(e2e)
-            result["overlap"] = sync_overlap(
+            result["overlap"] = timed(
+                "overlap",
+                sync_overlap,
                 0.0625 if quick else run_width,
                 16 if quick else batch_size,
                 4 if quick else 10,
@@ -367,7 +381,7 @@ def run(
                 Path(tmp),
                 device.type,
             )
-            result["accuracy"] = accuracy(data_dir, 0.2 if quick else 3, Path(tmp), device.type)
+            result["accuracy"] = timed("accuracy", accuracy, data_dir, 0.2 if quick else 3, Path(tmp), device.type)
     result["settings"] = {
         "width": width,
         "run_width": run_width,
@@ -379,6 +393,7 @@ def run(
     result["machine"] = machine()
     result["command"] = " ".join(["hist-bench"] + sys.argv[1:])
     result["bench_s"] = time.time() - t0
+    result["phase_s"] = phase_s
     return result
 
 
@@ -429,5 +444,5 @@ def format_table(r: dict) -> str:
             f"accuracy on {a['dataset']}: single {a['single']:.2f}%, IST S=2 {a['ist_s2']:.2f}%, "
             f"IST S=4 {a['ist_s4']:.2f}%"
         )
-    lines.append(f"({r['bench_s']:.0f} s)")
+    lines.append(f"({r['bench_s']:.0f} s: " + ", ".join(f"{k} {v:.0f} s" for k, v in r["phase_s"].items()) + ")")
     return "\n".join(lines)
