@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from hist.analysis.bench import bytes_per_round
+from hist.analysis.bench import _env, _train, bytes_per_round
 from hist.models import build_model, conv_flops
 
-from helpers import BIN, run
+from helpers import BIN, TINY_RUN, run
 
 
 @pytest.mark.multiprocess
@@ -65,3 +65,17 @@ def test_flops_of_subnetworks_shrink_with_depth():
     model = build_model("preact_resnet101", 10, 0.25)
     full = conv_flops(model, range(22))
     assert conv_flops(model, range(11)) < full and conv_flops(model, []) < conv_flops(model, range(11))
+
+
+def test_a_run_two_phases_need_is_trained_once(tmp_path):
+    """The bench keys each real hist-train run by its options and ranks: the second ask reads
+    the first run's file (the quick bench's IST epoch serves its overlap measurement too)."""
+    args = ["synthetic", "--epochs", "0.5", *[str(a) for a in TINY_RUN]]
+    first = _train(args, 1, tmp_path, _env())
+    (path,) = tmp_path.glob("run-np1-*.h5")
+    stamp = path.stat().st_mtime_ns
+    again = _train(args, 1, tmp_path, _env())
+    assert path.stat().st_mtime_ns == stamp and list(tmp_path.glob("*.h5")) == [path]
+    assert (again.rounds["loss"] == first.rounds["loss"]).all()
+    _train([*args, "--seed", "1"], 1, tmp_path, _env())  # other options: a run of its own
+    assert len(list(tmp_path.glob("run-np1-*.h5"))) == 2
