@@ -37,7 +37,7 @@ from .io.timings import TimingWriter
 from .methods import build_method
 from .models import ARCHS, build_model, partitioned_block_count
 from .models.plan import validate as validate_plan
-from .world import under_launcher, world_info_from_env
+from .world import cpu_description, under_launcher, world_info_from_env
 
 
 def resolve_device(choice: str, local_rank: int) -> torch.device:
@@ -121,6 +121,7 @@ def versions(sync: Synchroniser, device: torch.device) -> dict:
         "python": sys.version.split()[0],
         "cuda": torch.version.cuda or "none",
         "device": str(device),
+        **cpu_description(),
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)

@@ -47,3 +47,19 @@ def under_launcher(env=None) -> bool:
 def world_info_from_env(env=None) -> WorldInfo:
     env = os.environ if env is None else env
     return WorldInfo(_first(_RANK, env, 0), _first(_SIZE, env, 1), _first(_LOCAL, env, 0), socket.gethostname())
+
+
+def cpu_description() -> dict:
+    """The processor by name and the instruction set torch's kernels use: runs on VMs of one
+    kind can land on different processors, whose kernels round differently, so a figure names it."""
+    import platform
+
+    import torch
+
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    except OSError:
+        pass
+    return {"cpu": name, "cpu_capability": torch.backends.cpu.get_cpu_capability()}

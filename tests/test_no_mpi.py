@@ -8,6 +8,7 @@ import os
 
 import h5py
 import pytest
+import torch
 
 from helpers import BIN, TINY_MODEL, options, run
 
@@ -52,5 +53,7 @@ def test_one_process_trains_checkpoints_and_resumes_without_horovod_or_mpi(tmp_p
         versions = json.loads(f.attrs["versions"])
         assert f.attrs["status"] == "completed" and len(f["evals"]["round"]) == 2
     assert versions["mpi"].startswith("none") and versions["horovod"] is None
+    # the processor is named, since another processor's kernels round differently
+    assert versions["cpu"] and versions["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     proc = run([*args, "--resume"], **no_mpi)  # the finished checkpoint reads back
     assert "already at the last round" in proc.stdout

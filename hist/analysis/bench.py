@@ -27,6 +27,7 @@ from ..comm import horovod_version, ring_allreduce_bytes, round_bytes
 from ..engine.precision import Precision, precision_supported
 from ..io.timings import read_run
 from ..models import build_model, conv_flops, make_plan, shared_and_partitioned
+from ..world import cpu_description
 from .suite import on_local_ranks
 
 # ResIST paper, ResNet-101 on CIFAR-100, GB per round, all machines (Table in Dun et al., 2022).
@@ -321,7 +322,7 @@ def machine() -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "h5py": h5py.__version__,
-        "cpu": platform.processor() or platform.machine(),
+        **cpu_description(),
         "cores": os.cpu_count(),
         "host": platform.node(),
     }
