@@ -253,3 +253,18 @@ def test_runs_that_differ_in_an_option_get_rows_of_their_own_and_seeds_still_ave
     assert "| ist (shard) --round-schedule qsr |" in format_paper_table(rows, notes)
     assert format_table(rows, notes).splitlines()[0].endswith("variant")
     assert "| ist (shard) --round-schedule qsr np2 | 50.00 | 60.00 |" in format_epoch_table(runs, notes)
+
+
+def test_a_table_from_two_processors_says_so(tmp_path):
+    """One seed on two processors of one VM kind differs by points (docs/accuracy.md): a table
+    mixing them names each; one processor, or files from before the record, add nothing."""
+    cpu = {"cpu": "Xeon A", "cpu_capability": "AVX512"}
+    write_run(tmp_path / "single.h5", "single", 1, 4.0, versions=cpu)
+    write_run(tmp_path / "ist2.h5", "ist", 2, 1.0, versions=cpu)
+    write_run(tmp_path / "old.h5", "dp", 2, 1.0)  # no versions record
+    _, notes = summarise(load_runs([tmp_path]))
+    assert not any("processors differ" in n for n in notes)
+    write_run(tmp_path / "ist2b.h5", "ist", 2, 1.0, versions={"cpu": "Xeon B", "cpu_capability": "AVX2"})
+    _, notes = summarise(load_runs([tmp_path]))
+    (note,) = [n for n in notes if "processors differ" in n]
+    assert "Xeon A (AVX512) (2 runs); Xeon B (AVX2) (1 run)" in note

@@ -214,6 +214,8 @@ def summarise(runs: list[Run], target_accuracy: float | None = None) -> tuple[li
     if not runs:
         raise HistError("no runs to report")
     notes = [protocol_note(runs)]
+    if processors := processor_note(runs):
+        notes.append(processors)
     if target_accuracy is None:
         target_accuracy, why = default_target(runs)
         if target_accuracy is not None:
@@ -292,6 +294,22 @@ def protocol_note(runs: list[Run]) -> str:
     if not splits:
         return "data split: one process only (the same under shard and full)"
     return "data split: " + "; ".join(what.get(s, s) for s in splits)
+
+
+def processor_note(runs: list[Run]) -> str | None:
+    """Runs from different processors round differently, and one seed of a short run turns that
+    into points of accuracy (docs/accuracy.md): a table that mixes them says so."""
+    counts = defaultdict(int)
+    for run in runs:
+        if (name := run.processor) is not None:
+            counts[name] += 1
+    if len(counts) < 2:
+        return None
+    return (
+        "processors differ: "
+        + "; ".join(f"{name} ({n} run{'s' * (n > 1)})" for name, n in sorted(counts.items()))
+        + ": the same seed rounds differently on each, which moves short runs by points; compare within one"
+    )
 
 
 def default_target(runs: list[Run]) -> tuple[float | None, str]:

@@ -230,6 +230,15 @@ class Run:
         return json.loads(self.attrs.get("config", "{}"))
 
     @property
+    def processor(self) -> str | None:
+        """The GPU, else the processor and torch's kernel level, the run ran on (None in files
+        from before the record)."""
+        versions = json.loads(self.attrs.get("versions", "{}"))
+        if versions.get("gpu"):
+            return versions["gpu"]
+        return f"{versions['cpu']} ({versions['cpu_capability']})" if versions.get("cpu") else None
+
+    @property
     def data_split(self) -> str:
         """The run's protocol (hist-train --data-split); files from before the option: shard."""
         return str(self.attrs.get("data_split") or self.config.get("data_split") or "shard")
