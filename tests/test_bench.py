@@ -33,7 +33,7 @@ def test_bench_quick_prints_every_figure(cifar_sample):
     assert set(r["speedup_np2"]) == {"ist", "local-sgd", "dp"} and all(v > 0 for v in r["speedup_np2"].values())
     assert 0 <= r["sync_share"] < 1 and r["pipeline_ratio"] > 0
     assert set(r["accuracy"]) == {"dataset", "single", "ist_s2", "ist_s4"} and r["accuracy"]["dataset"] == "cifar10"
-    assert r["machine"]["cores"] >= 1 and "torch" in r["machine"]
+    assert r["machine"]["cores"] >= 1 and "torch" in r["machine"] and r["machine"]["cpu_capability"]
     measured = {(row["precision"], row["channels_last"]): row for row in r["precision_layout"] if "skipped" not in row}
     skipped = {row["precision"]: row["skipped"] for row in r["precision_layout"] if "skipped" in row}
     # a precision is measured where the device has a fast path for it: fp16 never on a CPU
