@@ -58,6 +58,8 @@ def test_ist_on_real_cifar10_sample_learns(cifar_sample, tmp_path):
     assert attrs["status"] == "completed" and attrs["world_size"] == 2 and attrs["subnets"] == 2
     assert r["bytes_sent"].shape == (len(loss), 2) and (r["bytes_sent"] > 0).all()
     assert attrs["train_images"] == 4577 and attrs["test_images"] == 508
+    mpi = json.loads(attrs["versions"])["mpi"]
+    assert mpi.startswith("Open MPI") and "\x00" not in mpi  # the library's string ends in a NUL
 
 
 @pytest.mark.parametrize("method", ["ist", "local-sgd", "dp"])

@@ -366,8 +366,10 @@ class Synchroniser:
         return self.world.allgather(obj)
 
     def library_versions(self) -> dict:
-        """Horovod's and the MPI library's versions, for the timing file."""
-        return {"horovod": horovod_version(), "mpi": self.MPI.Get_library_version().splitlines()[0].strip()}
+        """Horovod's and the MPI library's versions, for the timing file (Open MPI's string ends
+        in a NUL, which JSON would keep)."""
+        mpi = self.MPI.Get_library_version().replace("\x00", "").splitlines()[0].strip()
+        return {"horovod": horovod_version(), "mpi": mpi}
 
 
 def horovod_version() -> str | None:
