@@ -268,3 +268,22 @@ def test_a_table_from_two_processors_says_so(tmp_path):
     _, notes = summarise(load_runs([tmp_path]))
     (note,) = [n for n in notes if "processors differ" in n]
     assert "Xeon A (AVX512) (2 runs); Xeon B (AVX2) (1 run)" in note
+
+
+def test_each_seed_is_compared_with_the_one_process_run_of_its_seed(tmp_path):
+    """The gap to one process, seed by seed over the seeds both have: a target of a point or
+    two sits inside the seed-to-seed spread, and pairing by seed cancels part of it."""
+    config = lambda seed: {"seed": seed, "batch_size": 10, "local_iters": 10}
+    for seed, single, ist in ((0, 70.0, 69.0), (1, 72.0, 70.0), (2, 74.0, 72.0)):
+        write_run(tmp_path / f"single{seed}.h5", "single", 1, 4.0, accs=(50.0, single), config=config(seed))
+        write_run(tmp_path / f"ist{seed}.h5", "ist", 2, 1.0, accs=(50.0, ist), config=config(seed))
+    write_run(tmp_path / "ist3.h5", "ist", 2, 1.0, accs=(50.0, 60.0), config=config(3))  # no single of seed 3
+    rows, notes = summarise(load_runs([tmp_path]))
+    by = {r["method"]: r for r in rows}
+    ist, single = by["ist"], by["single"]
+    assert ist["gap_to_single_seeds"] == 3 and ist["gap_to_single"] == pytest.approx(-5 / 3)
+    assert ist["gap_to_single_se"] == pytest.approx((1 / 3) ** 0.5 / 3**0.5)
+    assert single["gap_to_single"] is None and single["gap_to_single_seeds"] == 0
+    from hist.analysis.report import format_paper_table
+
+    assert "-1.67 ± 0.33 vs single, seed by seed (n=3)" in format_paper_table(rows, notes)

@@ -40,6 +40,9 @@ COLUMNS = (
     "speedup_to_target",
     "final_accuracy",
     "final_accuracy_std",
+    "gap_to_single",
+    "gap_to_single_se",
+    "gap_to_single_seeds",
     "final_top5",
     "target_accuracy",
     "compute_s_per_round",
@@ -220,10 +223,13 @@ def summarise(runs: list[Run], target_accuracy: float | None = None) -> tuple[li
         target_accuracy, why = default_target(runs)
         if target_accuracy is not None:
             notes.append(f"time to target: target accuracy {target_accuracy:.2f}% ({why})")
-    groups = defaultdict(list)
+    groups, finals_by_seed = defaultdict(list), defaultdict(dict)
     variant = variants(runs)
     for run in runs:
-        groups[(*_base_key(run), variant[id(run)])].append(_run_figures(run, target_accuracy))
+        key = (*_base_key(run), variant[id(run)])
+        groups[key].append(_run_figures(run, target_accuracy))
+        if groups[key][-1]["final_accuracy"] is not None:
+            finals_by_seed[key][run.config.get("seed")] = groups[key][-1]["final_accuracy"]
     rows = []
     for key, figs in sorted(groups.items()):
         dataset, arch, width, method, split, world, flags = key
@@ -242,6 +248,7 @@ def summarise(runs: list[Run], target_accuracy: float | None = None) -> tuple[li
         finals = [f["final_accuracy"] for f in figs if f["final_accuracy"] is not None]
         row["final_accuracy_std"] = float(np.std(finals, ddof=1)) if len(finals) > 1 else None
         row["target_accuracy"] = target_accuracy
+        row["_seeds"] = finals_by_seed[key]
         rows.append(row)
     for row in rows:
         model = [
@@ -264,6 +271,7 @@ def summarise(runs: list[Run], target_accuracy: float | None = None) -> tuple[li
             )
             if note not in notes:
                 notes.append(note)
+        row.update(paired_gap(row["_seeds"], base["_seeds"] if singles else {}))
         row["speedup"] = base["seconds_per_epoch"] / row["seconds_per_epoch"]
         tb, tr = base["time_to_target_s"], row["time_to_target_s"]
         row["speedup_to_target"] = tb / tr if tb and tr else None
@@ -281,7 +289,20 @@ def summarise(runs: list[Run], target_accuracy: float | None = None) -> tuple[li
             if local and row["world_size"] > 1 and row["method"] != "local-sgd"
             else None
         )
+    for row in rows:
+        del row["_seeds"]
     return rows, notes
+
+
+def paired_gap(finals: dict, single_finals: dict) -> dict:
+    """Final accuracy minus the one-process run's of the same seed, over the seeds both have:
+    a seed fixes the initial model, so the pairs cancel part of the seed-to-seed spread that a
+    target of a point or two sits inside. Mean, its standard error (two seeds or more), count."""
+    gaps = [finals[s] - single_finals[s] for s in sorted(set(finals) & set(single_finals), key=str)]
+    if not gaps or finals is single_finals:
+        return {"gap_to_single": None, "gap_to_single_se": None, "gap_to_single_seeds": 0}
+    se = float(np.std(gaps, ddof=1) / np.sqrt(len(gaps))) if len(gaps) > 1 else None
+    return {"gap_to_single": float(np.mean(gaps)), "gap_to_single_se": se, "gap_to_single_seeds": len(gaps)}
 
 
 def protocol_note(runs: list[Run]) -> str:
@@ -342,6 +363,8 @@ def format_paper_table(rows: list[dict], notes: list[str], oversubscribed_above:
             acc += f" ± {r['final_accuracy_std']:.2f} (n={r['runs']})"
         if r["final_top5"] is not None:
             acc += f" (top-5 {r['final_top5']:.2f}%)"
+        if r.get("gap_to_single_seeds", 0) > 1:
+            acc += f"<br>{r['gap_to_single']:+.2f} ± {r['gap_to_single_se']:.2f} vs single, seed by seed (n={r['gap_to_single_seeds']})"
         parts = [acc, f"{r['wall_s']:.0f} s", f"{r['bytes_per_round'] / 1e6:.2f} MB/round"]
         if r["world_size"] > 1:
             vs_local = "" if r["speedup_vs_local_sgd"] is None else f", {r['speedup_vs_local_sgd']:.2f}x local SGD"
