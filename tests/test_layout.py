@@ -19,7 +19,7 @@ ALLOWED = {
     "comm": {"errors", "world", "models"},
     "methods": {"choices", "comm", "config", "errors", "models"},
     "engine": {"comm", "config", "data", "errors", "methods", "models"},
-    "analysis": {"choices", "comm", "config", "data", "engine", "errors", "io", "models", "presets"},
+    "analysis": {"choices", "comm", "config", "data", "engine", "errors", "io", "models", "presets", "world"},
     "launch": {"choices", "comm", "config", "data", "engine", "errors", "io", "methods", "models", "world", "__init__"},
     "cli": {"analysis", "choices", "comm", "config", "errors", "launch", "presets", "world"},
     "__init__": set(),
