@@ -230,7 +230,7 @@ def summarise(runs: list[Run], target_accuracy: float | None = None) -> tuple[li
         groups[key].append(_run_figures(run, target_accuracy))
         if groups[key][-1]["final_accuracy"] is not None:
             finals_by_seed[key][run.config.get("seed")] = groups[key][-1]["final_accuracy"]
-    rows = []
+    rows, seed_finals = [], {}  # seed_finals: each row's final accuracy by seed
     for key, figs in sorted(groups.items()):
         dataset, arch, width, method, split, world, flags = key
         row = {
@@ -248,8 +248,8 @@ def summarise(runs: list[Run], target_accuracy: float | None = None) -> tuple[li
         finals = [f["final_accuracy"] for f in figs if f["final_accuracy"] is not None]
         row["final_accuracy_std"] = float(np.std(finals, ddof=1)) if len(finals) > 1 else None
         row["target_accuracy"] = target_accuracy
-        row["_seeds"] = finals_by_seed[key]
         rows.append(row)
+        seed_finals[id(row)] = finals_by_seed[key]
     for row in rows:
         model = [
             x for x in rows if (x["dataset"], x["arch"], x["width"]) == (row["dataset"], row["arch"], row["width"])
@@ -271,7 +271,7 @@ def summarise(runs: list[Run], target_accuracy: float | None = None) -> tuple[li
             )
             if note not in notes:
                 notes.append(note)
-        row.update(paired_gap(row["_seeds"], base["_seeds"] if singles else {}))
+        row.update(paired_gap(seed_finals[id(row)], seed_finals[id(base)] if singles and base is not row else {}))
         row["speedup"] = base["seconds_per_epoch"] / row["seconds_per_epoch"]
         tb, tr = base["time_to_target_s"], row["time_to_target_s"]
         row["speedup_to_target"] = tb / tr if tb and tr else None
@@ -289,8 +289,6 @@ def summarise(runs: list[Run], target_accuracy: float | None = None) -> tuple[li
             if local and row["world_size"] > 1 and row["method"] != "local-sgd"
             else None
         )
-    for row in rows:
-        del row["_seeds"]
     return rows, notes
 
 
@@ -299,7 +297,7 @@ def paired_gap(finals: dict, single_finals: dict) -> dict:
     a seed fixes the initial model, so the pairs cancel part of the seed-to-seed spread that a
     target of a point or two sits inside. Mean, its standard error (two seeds or more), count."""
     gaps = [finals[s] - single_finals[s] for s in sorted(set(finals) & set(single_finals), key=str)]
-    if not gaps or finals is single_finals:
+    if not gaps:
         return {"gap_to_single": None, "gap_to_single_se": None, "gap_to_single_seeds": 0}
     se = float(np.std(gaps, ddof=1) / np.sqrt(len(gaps))) if len(gaps) > 1 else None
     return {"gap_to_single": float(np.mean(gaps)), "gap_to_single_se": se, "gap_to_single_seeds": len(gaps)}
