@@ -278,6 +278,9 @@ def test_each_seed_is_compared_with_the_one_process_run_of_its_seed(tmp_path):
         write_run(tmp_path / f"single{seed}.h5", "single", 1, 4.0, accs=(50.0, single), config=config(seed))
         write_run(tmp_path / f"ist{seed}.h5", "ist", 2, 1.0, accs=(50.0, ist), config=config(seed))
     write_run(tmp_path / "ist3.h5", "ist", 2, 1.0, accs=(50.0, 60.0), config=config(3))  # no single of seed 3
+    # seed 4 was stopped after one epoch: it pairs with nothing
+    write_run(tmp_path / "single4.h5", "single", 1, 4.0, rounds=2, accs=(50.0,), config=config(4))
+    write_run(tmp_path / "ist4.h5", "ist", 2, 1.0, accs=(10.0, 20.0), config=config(4))
     rows, notes = summarise(load_runs([tmp_path]))
     by = {r["method"]: r for r in rows}
     ist, single = by["ist"], by["single"]

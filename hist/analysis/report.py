@@ -229,7 +229,8 @@ def summarise(runs: list[Run], target_accuracy: float | None = None) -> tuple[li
         key = (*_base_key(run), variant[id(run)])
         groups[key].append(_run_figures(run, target_accuracy))
         if groups[key][-1]["final_accuracy"] is not None:
-            finals_by_seed[key][run.config.get("seed")] = groups[key][-1]["final_accuracy"]
+            figs = groups[key][-1]
+            finals_by_seed[key][run.config.get("seed")] = (round(figs["epochs"], 1), figs["final_accuracy"])
     rows, seed_finals = [], {}  # seed_finals: each row's final accuracy by seed
     for key, figs in sorted(groups.items()):
         dataset, arch, width, method, split, world, flags = key
@@ -293,10 +294,12 @@ def summarise(runs: list[Run], target_accuracy: float | None = None) -> tuple[li
 
 
 def paired_gap(finals: dict, single_finals: dict) -> dict:
-    """Final accuracy minus the one-process run's of the same seed, over the seeds both have:
-    a seed fixes the initial model, so the pairs cancel part of the seed-to-seed spread that a
-    target of a point or two sits inside. Mean, its standard error (two seeds or more), count."""
-    gaps = [finals[s] - single_finals[s] for s in sorted(set(finals) & set(single_finals), key=str)]
+    """Final accuracy minus the one-process run's of the same seed, over the seeds both ran to
+    the same epoch ((epochs, accuracy) by seed; a stopped run pairs with nothing): a seed fixes
+    the initial model, so the pairs cancel part of the seed-to-seed spread that a target of a
+    point or two sits inside. Mean, its standard error (two seeds or more), count."""
+    both = sorted((s for s in set(finals) & set(single_finals) if finals[s][0] == single_finals[s][0]), key=str)
+    gaps = [finals[s][1] - single_finals[s][1] for s in both]
     if not gaps:
         return {"gap_to_single": None, "gap_to_single_se": None, "gap_to_single_seeds": 0}
     se = float(np.std(gaps, ddof=1) / np.sqrt(len(gaps))) if len(gaps) > 1 else None
