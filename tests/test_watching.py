@@ -106,3 +106,25 @@ def test_under_a_launcher_the_log_gets_lines_not_a_bar():
     # mpirun gives every rank a pseudo-terminal even when the job's log is a file
     assert under_launcher({"OMPI_COMM_WORLD_SIZE": "2"}) and under_launcher({"SLURM_PROCID": "0"})
     assert not under_launcher({"HOME": "/root"})
+
+
+def test_each_line_reaches_the_stream_in_one_write_so_mpirun_tags_it_whole():
+    from hist.engine.progress import Progress
+
+    class Writes:
+        def __init__(self):
+            self.calls = []
+
+        def write(self, text):
+            self.calls.append(text)
+
+        def flush(self):
+            pass
+
+    stream = Writes()
+    progress = Progress(every_s=1e-9, n_rounds=2, total_epochs=1, stream=stream)
+    progress.write("round 1/2 epoch 0.50 test accuracy 10.00%")
+    progress.update(2, 1.0, 2.0, 1.0, 1.5, 0.1, 64, {"data": 0.1, "compute": 0.8, "sync": 0.1})
+    # print() would give ["...", "\n", ...]; mpirun then logs "[1,0]<stdout>:" on a line of its own
+    assert len(stream.calls) == 2 and all(c.endswith("\n") and c.count("\n") == 1 for c in stream.calls), stream.calls
+    assert PROGRESS.match(stream.calls[1].rstrip("\n")), stream.calls[1]

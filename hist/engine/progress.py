@@ -51,7 +51,10 @@ class Progress:
     def write(self, line: str) -> None:
         if self.bar is not None:
             self.bar.clear()
-        print(line, file=self.stream, flush=True)
+        # One write a line: print() writes the text and its newline apart, and mpirun's
+        # --tag-output may tag the lone newline as a fragment of its own.
+        self.stream.write(line + "\n")
+        self.stream.flush()
         if self.bar is not None:
             self.bar.draw()
 
