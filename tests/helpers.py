@@ -97,3 +97,10 @@ def spawn(n, *args, merge_output=False):
         text=True,
         start_new_session=True,
     )
+
+
+def rank_pids(out):
+    """The rank processes (python running hist-train), not horovodrun or mpirun."""
+    pattern = f"^[^ ]*python[^ ]* [^ ]*/hist-train .*{out}"
+    found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True)
+    return sorted(int(p) for p in found.stdout.split())

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import BIN, TINY_MODEL, mpirun, options, run, spawn
+from helpers import BIN, TINY_MODEL, mpirun, options, rank_pids, run, spawn
 
 TINY = [*TINY_MODEL, *options(batch_size=16, synthetic_size=256, threads=1, local_iters=4, bn_batches=2)]
 
@@ -208,7 +208,9 @@ def test_a_failing_disk_ends_the_job_with_one_line_and_keeps_the_checkpoint(tmp_
 @pytest.mark.slow
 def test_a_second_run_on_the_same_output_refuses_to_start(tmp_path):
     out = tmp_path / "shared.h5"
-    first = _spawn(["synthetic", *TINY, "--epochs", "6", "--checkpoint-every", "2", "--out", out])
+    # far longer than the test: the first run holds the file until this test stops it, so a
+    # loaded machine cannot let it finish before the second starts
+    first = _spawn(["synthetic", *TINY, "--epochs", "5000", "--checkpoint-every", "2", "--out", out])
     try:
         deadline = time.time() + 240
         while not out.exists():
@@ -219,10 +221,12 @@ def test_a_second_run_on_the_same_output_refuses_to_start(tmp_path):
         second = run([BIN / "hist-train", "synthetic", *TINY, "--out", out], check=False, timeout=120)
         line = one_line(second, "hist-train", str(out), "in use by another run", "--out")
         assert "pid" in line
+        assert first.poll() is None  # the second changed nothing of the first
+        os.kill(rank_pids(out)[0], signal.SIGUSR2)  # the clean stop: checkpoint at a round end, exit 3
         stdout, stderr = first.communicate(timeout=300)
-        assert first.returncode == 0, stderr[-2000:]
-        with h5py.File(out) as f:  # the first run's file is whole: every round once, completed
-            assert f.attrs["status"] == "completed"
+        assert first.returncode == 3, stderr[-2000:]
+        with h5py.File(out) as f:  # the first run's file is whole: every round once
+            assert f.attrs["status"] == "interrupted"
             assert f["rounds/round"][:].tolist() == list(range(len(f["rounds/round"])))
             assert len(f["rounds/round"]) >= rounds_before
     finally:

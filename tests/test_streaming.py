@@ -258,7 +258,9 @@ def main():
     split = index_folder("imagewoof", sys.argv[1], "train")
     loader = StreamingLoader(split, "imagewoof", 8, torch.device("cpu"), 3, crop=32, resize=36, workers=2)
     x, _ = loader.batch(0)
-    print(" ".join(str(p.pid) for p in loader._pool.procs), repr(float(x.double().sum())), flush=True)
+    # one write: mpirun's --tag-output may tag print()'s separate newline as a line of its own
+    sys.stdout.write(" ".join(str(p.pid) for p in loader._pool.procs) + " " + repr(float(x.double().sum())) + "\\n")
+    sys.stdout.flush()
     if sys.argv[2] == "killed":
         os.kill(os.getpid(), signal.SIGKILL)
     # no close(): the workers end with the process

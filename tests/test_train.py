@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import BIN, TINY_RUN, horovodrun, mpirun, run, spawn
+from helpers import BIN, TINY_RUN, horovodrun, mpirun, rank_pids, run, spawn
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
@@ -155,7 +155,7 @@ def test_killed_run_resumes_to_the_uninterrupted_model(tmp_path, how, uninterrup
         proc.wait(60)
     else:  # Slurm's warning before the time limit
         # srun --signal delivers it to the ranks; one is enough, the ranks agree at each round end
-        os.kill(_rank_pids(out)[0], signal.SIGUSR1)
+        os.kill(rank_pids(out)[0], signal.SIGUSR1)
         assert proc.wait(120) == 3  # checkpoint at the round end, then exit 3
         assert "resume with --resume" in proc.stdout.read()
     r, _, _ = rounds(out)  # the killed run's file stays readable
@@ -236,19 +236,12 @@ def test_local_sgd_warmup_rounds_train_and_send_the_full_model(tmp_path):
     assert len(sent) == 8 and len(set(sent[:4])) == 1 and max(sent[4:7]) < sent[0]
 
 
-def _rank_pids(out):
-    """The rank processes (python running hist-train), not horovodrun or mpirun."""
-    pattern = f"^[^ ]*python[^ ]* [^ ]*/hist-train synthetic .*{out}"
-    found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True)
-    return sorted(int(p) for p in found.stdout.split())
-
-
 def test_a_dying_rank_ends_the_job_in_time(tmp_path):
     out = tmp_path / "die.h5"
     proc = _spawn(["--epochs", "50"], out)
     _wait_for(out, proc)
     time.sleep(2)
-    os.kill(_rank_pids(out)[-1], signal.SIGKILL)
+    os.kill(rank_pids(out)[-1], signal.SIGKILL)
     start = time.time()
     try:
         code = proc.wait(60)
