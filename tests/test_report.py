@@ -287,6 +287,11 @@ def test_each_seed_is_compared_with_the_one_process_run_of_its_seed(tmp_path):
     assert ist["gap_to_single_seeds"] == 3 and ist["gap_to_single"] == pytest.approx(-5 / 3)
     assert ist["gap_to_single_se"] == pytest.approx((1 / 3) ** 0.5 / 3**0.5)
     assert single["gap_to_single"] is None and single["gap_to_single_seeds"] == 0
+    # the stopped seed 4 stays out of the mean and of the target, and a note names it
+    assert single["runs"] == 3 and single["final_accuracy"] == pytest.approx(72.0)
+    assert ist["target_accuracy"] == pytest.approx(71.0)
+    (note,) = [n for n in notes if n.startswith("left out of the means")]
+    assert "single4.h5 (epoch 1.0 of 2.0)" in note and "ist" not in note
     from hist.analysis.report import format_paper_table
 
     assert "-1.67 ± 0.33 vs single, seed by seed (n=3)" in format_paper_table(rows, notes)

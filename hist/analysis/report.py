@@ -187,6 +187,18 @@ def time_to(run: Run, target: float | None) -> float | None:
     return reached[0] if reached else None
 
 
+def epochs_done(run: Run) -> float:
+    """Epochs the run trained, to a tenth (the last round's epoch)."""
+    return round(float(run.rounds["epoch"][-1]), 1) if len(run.rounds["epoch"]) else 0.0
+
+
+def longest(runs: list[Run]) -> tuple[list[Run], list[Run]]:
+    """(the runs that trained as many epochs as the longest, those stopped short): a stopped
+    run averaged in would pull a mean over seeds toward an earlier epoch."""
+    last = max((epochs_done(r) for r in runs), default=0.0)
+    return [r for r in runs if epochs_done(r) == last], [r for r in runs if epochs_done(r) < last]
+
+
 def _run_figures(run: Run, target: float | None) -> dict:
     r, e = run.rounds, run.evals
     epochs = float(r["epoch"][-1]) if len(r["epoch"]) else 0.0
@@ -223,14 +235,21 @@ def summarise(runs: list[Run], target_accuracy: float | None = None) -> tuple[li
         target_accuracy, why = default_target(runs)
         if target_accuracy is not None:
             notes.append(f"time to target: target accuracy {target_accuracy:.2f}% ({why})")
-    groups, finals_by_seed = defaultdict(list), defaultdict(dict)
-    variant = variants(runs)
+    variant, grouped = variants(runs), defaultdict(list)
     for run in runs:
-        key = (*_base_key(run), variant[id(run)])
-        groups[key].append(_run_figures(run, target_accuracy))
-        if groups[key][-1]["final_accuracy"] is not None:
-            figs = groups[key][-1]
-            finals_by_seed[key][run.config.get("seed")] = (round(figs["epochs"], 1), figs["final_accuracy"])
+        grouped[(*_base_key(run), variant[id(run)])].append(run)
+    groups, finals_by_seed, short = {}, defaultdict(dict), []
+    for key, members in grouped.items():
+        kept, stopped = longest(members)
+        short += stopped
+        groups[key] = [_run_figures(run, target_accuracy) for run in kept]
+        for run, figs in zip(kept, groups[key]):
+            if figs["final_accuracy"] is not None:
+                finals_by_seed[key][run.config.get("seed")] = (round(figs["epochs"], 1), figs["final_accuracy"])
+    if short:
+        last = {id(run): max(epochs_done(r) for r in grouped[key]) for key in grouped for run in grouped[key]}
+        listed = ", ".join(f"{run.path.name} (epoch {epochs_done(run):.1f} of {last[id(run)]:.1f})" for run in short)
+        notes.append(f"left out of the means, stopped short of their group's epochs: {listed}; resume with --resume")
     rows, seed_finals = [], {}  # seed_finals: each row's final accuracy by seed
     for key, figs in sorted(groups.items()):
         dataset, arch, width, method, split, world, flags = key
@@ -341,7 +360,7 @@ def default_target(runs: list[Run]) -> tuple[float | None, str]:
     def finals(rs):
         return [float(r.evals["test_accuracy"][-1]) for r in rs if len(r.evals["test_accuracy"])]
 
-    singles = finals([r for r in runs if int(r.attrs["world_size"]) == 1])
+    singles = finals(longest([r for r in runs if int(r.attrs["world_size"]) == 1])[0])
     if singles:
         return float(np.mean(singles)) - 1.0, "the one-process run's final accuracy minus 1 point"
     best = finals(runs)
