@@ -192,11 +192,11 @@ def epochs_done(run: Run) -> float:
     return round(float(run.rounds["epoch"][-1]), 1) if len(run.rounds["epoch"]) else 0.0
 
 
-def longest(runs: list[Run]) -> tuple[list[Run], list[Run]]:
-    """(the runs that trained as many epochs as the longest, those stopped short): a stopped
-    run averaged in would pull a mean over seeds toward an earlier epoch."""
+def longest(runs: list[Run]) -> tuple[list[Run], list[Run], float]:
+    """(the runs that trained as many epochs as the longest, those stopped short, those
+    epochs): a stopped run averaged in would pull a mean over seeds toward an earlier epoch."""
     last = max((epochs_done(r) for r in runs), default=0.0)
-    return [r for r in runs if epochs_done(r) == last], [r for r in runs if epochs_done(r) < last]
+    return [r for r in runs if epochs_done(r) == last], [r for r in runs if epochs_done(r) < last], last
 
 
 def _run_figures(run: Run, target: float | None) -> dict:
@@ -240,15 +240,14 @@ def summarise(runs: list[Run], target_accuracy: float | None = None) -> tuple[li
         grouped[(*_base_key(run), variant[id(run)])].append(run)
     groups, finals_by_seed, short = {}, defaultdict(dict), []
     for key, members in grouped.items():
-        kept, stopped = longest(members)
-        short += stopped
+        kept, stopped, last = longest(members)
+        short += [(run, last) for run in stopped]
         groups[key] = [_run_figures(run, target_accuracy) for run in kept]
         for run, figs in zip(kept, groups[key]):
             if figs["final_accuracy"] is not None:
                 finals_by_seed[key][run.config.get("seed")] = (round(figs["epochs"], 1), figs["final_accuracy"])
     if short:
-        last = {id(run): max(epochs_done(r) for r in grouped[key]) for key in grouped for run in grouped[key]}
-        listed = ", ".join(f"{run.path.name} (epoch {epochs_done(run):.1f} of {last[id(run)]:.1f})" for run in short)
+        listed = ", ".join(f"{run.path.name} (epoch {epochs_done(run):.1f} of {last:.1f})" for run, last in short)
         notes.append(f"left out of the means, stopped short of their group's epochs: {listed}; resume with --resume")
     rows, seed_finals = [], {}  # seed_finals: each row's final accuracy by seed
     for key, figs in sorted(groups.items()):
