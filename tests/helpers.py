@@ -4,8 +4,10 @@ Imported by the test modules (`from helpers import ...`); fixtures live in conft
 """
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,6 +99,20 @@ def spawn(n, *args, merge_output=False):
         text=True,
         start_new_session=True,
     )
+
+
+def kill_job(proc, out, timeout=60):
+    """SIGKILL a spawned job and wait until its ranks are gone, not only mpirun.
+
+    mpirun dies first; a rank may live a moment longer and still hold the timing file's HDF5
+    lock, so reading the file straight after proc.wait() can fail with errno 11 on a busy machine.
+    """
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout)
+    deadline = time.time() + timeout
+    while rank_pids(out):  # pgrep -f matches no zombie: a zombie has no command line
+        assert time.time() < deadline, f"ranks of {out} still alive {timeout} s after SIGKILL"
+        time.sleep(0.1)
 
 
 def rank_pids(out):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import BIN, TINY_RUN, horovodrun, mpirun, rank_pids, run, spawn
+from helpers import BIN, TINY_RUN, horovodrun, kill_job, mpirun, rank_pids, run, spawn
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
@@ -151,8 +151,7 @@ def test_killed_run_resumes_to_the_uninterrupted_model(tmp_path, how, uninterrup
     proc = _spawn(["--stop-signal", "USR1"] if how == "sigusr1" else [], out)  # USR2 is the default
     _wait_for(out.with_suffix(".ckpt.pt"), proc)
     if how == "sigkill":
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(60)
+        kill_job(proc, out)
     else:  # Slurm's warning before the time limit
         # srun --signal delivers it to the ranks; one is enough, the ranks agree at each round end
         os.kill(rank_pids(out)[0], signal.SIGUSR1)
@@ -196,8 +195,7 @@ def cut_and_resume(tmp_path, *args):
     mpirun(2, BIN / "hist-train", *args, "--out", ref)
     proc = spawn(2, BIN / "hist-train", *args, "--out", out, merge_output=True)
     _wait_for(out.with_suffix(".ckpt.pt"), proc)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(60)
+    kill_job(proc, out)
     assert len(rounds(out)[0]["round"]) < len(rounds(ref)[0]["round"])  # it was cut short
     mpirun(2, BIN / "hist-train", *args, "--out", out, "--resume")
     load = lambda p: torch.load(p.with_suffix(".ckpt.pt"), map_location="cpu", weights_only=True)
