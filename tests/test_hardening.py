@@ -234,6 +234,35 @@ def test_a_second_run_on_the_same_output_refuses_to_start(tmp_path):
             os.killpg(first.pid, signal.SIGKILL)
 
 
+def test_a_file_system_without_locks_warns_and_takes_the_output(tmp_path, monkeypatch):
+    """Lustre mounted `noflock` answers flock with ENOSYS; this machine has no such mount, so
+    flock is replaced here (the only mock in this file), and only for that errno's path."""
+    import errno
+
+    from hist.io import runlock
+
+    def no_locks(f, op):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(runlock.fcntl, "flock", no_locks)
+    with pytest.warns(UserWarning, match=r"has no file locks \(Function not implemented\): nothing stops"):
+        lock = runlock.RunLock([tmp_path / "a.h5"])
+    lock.release()
+    assert not runlock.held_by_a_run(tmp_path / "a.h5")
+
+    def denied(f, op):
+        raise OSError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(runlock.fcntl, "flock", denied)
+    with pytest.raises(PermissionError):  # any other failure still stops the run
+        runlock.RunLock([tmp_path / "b.h5"])
+    monkeypatch.undo()  # the real flock again: a held lock is seen
+    lock = runlock.RunLock([tmp_path / "c.h5"])
+    assert runlock.held_by_a_run(tmp_path / "c.h5")
+    lock.release()
+    assert not runlock.held_by_a_run(tmp_path / "c.h5")
+
+
 # ---------------------------------------------------------------- damaged timing files
 
 

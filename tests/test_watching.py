@@ -5,6 +5,7 @@ import os
 import pty
 import re
 import subprocess
+import time
 
 import h5py
 import numpy as np
@@ -128,3 +129,38 @@ def test_each_line_reaches_the_stream_in_one_write_so_mpirun_tags_it_whole():
     # print() would give ["...", "\n", ...]; mpirun then logs "[1,0]<stdout>:" on a line of its own
     assert len(stream.calls) == 2 and all(c.endswith("\n") and c.count("\n") == 1 for c in stream.calls), stream.calls
     assert PROGRESS.match(stream.calls[1].rstrip("\n")), stream.calls[1]
+
+
+def test_a_reader_holding_the_live_timing_file_neither_stops_the_run_nor_is_refused(tmp_path):
+    """A notebook keeps the timing file open all run long (h5py's default open: HDF5's shared
+    lock) while `hist-report`'s reader reads it again and again: the run's appends go on to the
+    end, and every read sees whole rounds in order."""
+    from hist.io.timings import read_run
+
+    out = tmp_path / "live.h5"
+    cmd = [BIN / "hist-train", "synthetic", *TINY, "--epochs", "2", "--out", out]
+    proc = subprocess.Popen([str(c) for c in cmd], env=mpi_env(), cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    hold = "import h5py, sys; f = h5py.File(sys.argv[1], 'r'); print('held', flush=True); sys.stdin.read()"
+    notebook = None
+    try:
+        while not out.exists():
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.05)
+        notebook = subprocess.Popen([BIN / "python", "-c", hold, out], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert notebook.stdout.readline() == b"held\n"
+        seen = []
+        while proc.poll() is None:
+            rounds = read_run(out).rounds["round"]
+            assert rounds.tolist() == list(range(len(rounds)))
+            seen.append(len(rounds))
+        stdout, _ = proc.communicate(timeout=120)
+        assert notebook.poll() is None  # it held the file to the end
+    finally:
+        for p in (proc, notebook):
+            if p is not None and p.poll() is None:
+                p.kill()
+    assert proc.returncode == 0, stdout[-2000:]
+    with h5py.File(out, "r"):  # and a reader of this very process, holding it too, reads it as well
+        final = read_run(out)
+    assert final.attrs["status"] == "completed" and len(final.rounds["round"]) == 80  # 2 epochs of 40 rounds
+    assert len(set(seen)) > 3  # the reads really overlapped the appends

@@ -14,12 +14,11 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-import h5py
 import numpy as np
 
 from ..choices import METHODS, SINGLE
 from ..errors import HistError
-from ..io.timings import SCHEMA, Run, isolated, read_checked
+from ..io.timings import SCHEMA, Run, isolated, open_h5, read_checked
 from . import noise as noise_scale
 
 COLUMNS = (
@@ -92,7 +91,7 @@ def _read_file(path: Path) -> list[Run]:
 
 def _is_merged(path: Path) -> bool:
     try:
-        with h5py.File(path, "r") as f:
+        with open_h5(path) as f:
             return f.attrs.get("schema") == SCHEMA + "-merged"
     except Exception:
         return False
@@ -102,10 +101,10 @@ def _read_merged(path: Path) -> list[Run]:
     import tempfile
 
     runs = []
-    with h5py.File(path, "r") as f, tempfile.TemporaryDirectory() as tmp:
+    with open_h5(path) as f, tempfile.TemporaryDirectory() as tmp:
         for name in f["runs"]:
             part = Path(tmp) / f"{name}.h5"
-            with h5py.File(part, "w") as out:
+            with open_h5(part, "w") as out:
                 for k, v in f["runs"][name].attrs.items():
                     out.attrs[k] = v
                 for g in ("rounds", "evals", "noise"):
@@ -119,7 +118,7 @@ def _read_merged(path: Path) -> list[Run]:
 
 def merge(runs: list[Run], dest: Path) -> None:
     """Copy every run into one file, one group per run under /runs."""
-    with h5py.File(dest, "w") as out:
+    with open_h5(dest, "w") as out:
         out.attrs["schema"] = SCHEMA + "-merged"
         base = out.create_group("runs")
         for i, run in enumerate(runs):

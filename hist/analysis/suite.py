@@ -44,10 +44,10 @@ def suite_runs(processes: list[int], methods: list[str], seeds: list[int]) -> li
 
 
 def _status(path: Path) -> str | None:
-    import h5py
+    from ..io.timings import open_h5
 
     try:
-        with h5py.File(path, "r") as f:
+        with open_h5(path) as f:
             return str(f.attrs.get("status"))
     except OSError:
         return None

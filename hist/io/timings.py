@@ -21,6 +21,7 @@ import h5py
 import numpy as np
 
 from ..errors import HistError, write_failure_cause
+from .runlock import held_by_a_run
 
 SCHEMA = "hist-timings"
 SCHEMA_VERSION = 1
@@ -64,6 +65,23 @@ NOISE_COLUMNS = {
 BLOCKS_COLUMN = ("blocks", "i4", "1", "partitioned blocks each subnetwork trained in the round (-1: the full model)")
 
 
+def open_h5(path, mode: str = "r") -> h5py.File:
+    """Every open of a timing file, by the writer and by every reader, without HDF5's file lock.
+
+    With the lock, a reader that holds the file open (a notebook, `hist-report` on a live run)
+    makes the writer's next append fail, which would end the training run; and file systems
+    without flock (some Lustre and NFS mounts) refuse the open outright. One writer per file is
+    RunLock's job (`runlock.py`); a reader never sees half a round of its own appends, because
+    it trims every column to the shortest (`read_checked`).
+    """
+    try:
+        return h5py.File(path, mode, locking=False)
+    except OSError as e:
+        if mode != "r" or "locking flag" not in str(e):
+            raise
+        return h5py.File(path, mode)  # this process holds it open already, locked: share that handle
+
+
 def _create(group: h5py.Group, name: str, dtype: str, width: int | None, unit: str, doc: str):
     shape, maxshape = ((0, width), (None, width)) if width else ((0,), (None,))
     ds = group.create_dataset(name, shape=shape, maxshape=maxshape, dtype=dtype, chunks=True)
@@ -94,7 +112,7 @@ class TimingWriter:
             tmp.replace(self.path)
 
     def _create_file(self, tmp: Path, meta: dict, world_size: int) -> None:
-        with h5py.File(tmp, "w") as f:
+        with open_h5(tmp, "w") as f:
             f.attrs["schema"], f.attrs["schema_version"] = SCHEMA, SCHEMA_VERSION
             for k, v in meta.items():
                 f.attrs[k] = v if isinstance(v, (int, float, str)) else json.dumps(v)
@@ -125,7 +143,7 @@ class TimingWriter:
 
     @contextlib.contextmanager
     def _open(self, mode: str):
-        with self._failing_write(), h5py.File(self.path, mode) as f:
+        with self._failing_write(), open_h5(self.path, mode) as f:
             yield f
 
     @staticmethod
@@ -256,7 +274,7 @@ def _first_line(e: BaseException) -> str:
 def read_checked(path: Path) -> Run:
     """Read and check one file; anything wrong with it is a HistError naming the file."""
     try:
-        f = h5py.File(path, "r")
+        f = open_h5(path)
     except OSError as e:
         raise HistError(f"{path} is not a readable HDF5 file ({_first_line(e)}); pass a file hist-train wrote")
     try:
@@ -312,9 +330,31 @@ def read_run(path, timeout_s: float = 60.0) -> Run:
     return isolated(read_checked, path, timeout_s)
 
 
+# A read that meets the live writer's append (open_h5 takes no lock) is tried again, this often.
+LIVE_READ_ATTEMPTS = 20
+LIVE_READ_PAUSE_S = 0.1
+
+
+class _Hung(HistError):
+    """The reader ran out of time: the file is damaged, and another try would hang as long."""
+
+
 def isolated(reader, path, timeout_s: float = 60.0):
     """`reader(path)` in a forked child: a damaged file that crashes or hangs the HDF5 library
-    ends the child, never the caller, and costs at most `timeout_s`. HistError passes through."""
+    ends the child, never the caller, and costs at most `timeout_s`. HistError passes through.
+    A failed read of a file a live run holds (RunLock) met an append mid-way, and is tried again."""
+    for attempt in range(1, LIVE_READ_ATTEMPTS + 1):
+        try:
+            return _isolated_once(reader, path, timeout_s)
+        except _Hung:
+            raise
+        except HistError:
+            if attempt == LIVE_READ_ATTEMPTS or not held_by_a_run(path):
+                raise
+            time.sleep(LIVE_READ_PAUSE_S)
+
+
+def _isolated_once(reader, path, timeout_s: float):
     path = Path(path)
     if not path.exists():
         raise HistError(f"{path} does not exist; pass a timing file or a folder of them")
@@ -343,7 +383,7 @@ def isolated(reader, path, timeout_s: float = 60.0):
             if not ready:
                 os.kill(pid, signal.SIGKILL)
                 os.waitpid(pid, 0)
-                raise HistError(f"{path} could not be read within {timeout_s:.0f} s; it is damaged: leave it out")
+                raise _Hung(f"{path} could not be read within {timeout_s:.0f} s; it is damaged: leave it out")
             chunk = inp.read(1 << 20)
             if not chunk:
                 break
