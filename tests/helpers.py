@@ -104,8 +104,8 @@ def spawn(n, *args, merge_output=False):
 def kill_job(proc, out, timeout=60):
     """SIGKILL a spawned job and wait until its ranks are gone, not only mpirun.
 
-    mpirun dies first; a rank may live a moment longer and still hold the timing file's HDF5
-    lock, so reading the file straight after proc.wait() can fail with errno 11 on a busy machine.
+    mpirun dies first; on a busy machine a rank may live a moment longer, still writing its
+    files and holding the run lock a `--resume` must take (CI once read the file then and failed).
     """
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout)

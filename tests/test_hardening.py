@@ -263,6 +263,32 @@ def test_a_file_system_without_locks_warns_and_takes_the_output(tmp_path, monkey
     assert not runlock.held_by_a_run(tmp_path / "c.h5")
 
 
+def test_a_failed_read_is_tried_again_only_while_a_run_holds_the_file(tmp_path):
+    """A read that meets the live writer's append fails once; while the run's lock is held it
+    is tried again (here the file becomes whole 0.3 s later), and without the lock it fails at once."""
+    import threading
+
+    from hist.errors import HistError
+    from hist.io.runlock import RunLock
+    from hist.io.timings import read_run
+
+    from test_report import write_run
+
+    good = write_run(tmp_path / "good.h5", "single", 1, 4.0).read_bytes()
+    path = tmp_path / "live.h5"
+    path.write_bytes(good[:1000])  # as a reader may see it mid-append
+    start = time.time()
+    with pytest.raises(HistError):
+        read_run(path)
+    assert time.time() - start < 1.0  # no run holds it: damaged, said at once
+    lock = RunLock([path])
+    try:
+        threading.Timer(0.3, path.write_bytes, [good]).start()
+        assert len(read_run(path).rounds["round"]) == 4
+    finally:
+        lock.release()
+
+
 # ---------------------------------------------------------------- damaged timing files
 
 
