@@ -48,6 +48,34 @@ def test_fp16_scaler_skips_an_overflowing_step_and_its_state_round_trips():
     assert again.scaler.state_dict() == amp.scaler.state_dict()
 
 
+def test_fp16_step_reads_nothing_back_to_the_host(monkeypatch):
+    # No GPU here, so a host sync cannot be timed: every way a tensor reaches the host (.item(),
+    # bool/int/float of a tensor, get_scale) is counted instead, on the CPU scaler (a mock of
+    # the CUDA one, said so). A fused SGD takes the scale and the inf flag on the device, so
+    # torch's own step reads nothing either: any read counted is Precision's.
+    reads = []
+    for name in ("item", "__bool__", "__int__", "__float__", "__index__", "tolist"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda t, *a, _real=real, _n=name: reads.append(_n) or _real(t, *a))
+    monkeypatch.setattr(torch.amp.GradScaler, "get_scale", lambda self: reads.append("get_scale") or 1.0)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=True)
+    amp = Precision("fp16", torch.device("cpu"))
+    amp.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)  # 2**16 overflows fp16 here at once
+    for overflow in (False, True, False, True):
+        opt.zero_grad(set_to_none=True)
+        with amp.autocast():
+            loss = model(torch.randn(3, 4)).float().sum()
+        amp.backward(loss)
+        if overflow:
+            model.weight.grad[0, 0] = float("inf")
+        reads.clear()
+        amp.step(opt)
+        assert reads == [], reads
+    assert amp.skipped == 2 and reads == ["item"]  # the count: one read, when asked
+
+
 def test_phase_clock_attributes_time_to_phases_on_the_cpu():
     clock = PhaseClock(torch.device("cpu"))
     clock.start()

@@ -55,7 +55,14 @@ class Precision:
         self.dtype = AUTOCAST_DTYPES[kind]
         # fp16's narrow range needs loss scaling; bf16 has fp32's range and needs none.
         self.scaler = torch.amp.GradScaler(device.type) if kind == "fp16" else None
-        self.skipped = 0  # steps skipped for inf/NaN gradients (fp16), this rank
+        # Steps skipped for inf/NaN gradients (fp16), this rank, counted on the device: a host
+        # read per step would make the host wait for the step before it queues the next one.
+        self._skips = torch.zeros((), dtype=torch.int64, device=device)
+
+    @property
+    def skipped(self) -> int:
+        """Steps skipped so far (fp16), this rank. One host read: ask per round or at the end."""
+        return int(self._skips.item())
 
     def autocast(self):
         if self.dtype is None:
@@ -72,16 +79,17 @@ class Precision:
         With fp16, ranks that average their gradients need no agreement of their own on
         skipping a step: the scaler decides on the averaged gradients, which are the same on
         each of those ranks, so an overflow on any of them is an overflow on all (an inf or
-        NaN survives the average). No per-step host read or allreduce is added for it.
+        NaN survives the average). No host read or allreduce is added for it: a skip is the
+        scale falling in `update()`, compared on the device (`get_scale()` is a host read).
         """
         step = method.step if method is not None else (lambda step_fn: step_fn(optimizer))
         if self.scaler is None:
             step(lambda opt: opt.step())
             return
-        scale = self.scaler.get_scale()
+        before = self.scaler._get_scale_async().clone()  # the scale tensor (set by backward's scale())
         step(self.scaler.step)
         self.scaler.update()
-        self.skipped += int(self.scaler.get_scale() < scale)
+        self._skips += self.scaler._get_scale_async() < before
 
     def gather_state(self, sync) -> list[dict] | None:
         """Every rank's scaler state (they differ between subnetworks), for the checkpoint.
