@@ -206,6 +206,11 @@ def _apply_preset(ctx: click.Context, param, name):
     type=click.Choice(choices.STOP_SIGNALS),
     help="Signal that checkpoints and stops at the next round end (match #SBATCH --signal); SIGTERM always does.",
 )
+@click.option(
+    "--stop-after-rounds",
+    default=Config.stop_after_rounds,
+    help="Checkpoint and stop (exit 3), as on the signal, after this many rounds of this process (0 = never).",
+)
 @click.option("--crop", default=Config.crop, help="Image folders: training and evaluation crop in pixels.")
 @click.option("--eval-resize", default=Config.eval_resize, help="Image folders: shorter side before the centre crop.")
 @click.option("--workers", default=Config.workers, help="Image folders: decoding processes per rank.")

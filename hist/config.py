@@ -94,6 +94,9 @@ class Config:
     stop_signal: str = (
         "USR2"  # USR1 | USR2 | TERM: the time-limit warning (SIGTERM always stops too); USR2 is safe beside NCCL
     )
+    stop_after_rounds: int = (
+        0  # stop as on --stop-signal (checkpoint, exit 3) after this many rounds of this process (0 = never)
+    )
     resume: bool = False  # continue from the checkpoint if it exists
     seed: int = 0  # seeds the model, the plans, the data order and augmentation
     precision: str = (
@@ -149,6 +152,7 @@ class Config:
                 f"--crop {self.crop} must be positive and at most --eval-resize {self.eval_resize}",
             ),
             (self.workers >= 0, f"--workers {self.workers} must not be negative"),
+            (self.stop_after_rounds >= 0, f"--stop-after-rounds {self.stop_after_rounds} must not be negative"),
             (self.log_every >= 0, f"--log-every {self.log_every} must not be negative (0 turns progress lines off)"),
             (self.local_iters > 0, f"--local-iters {self.local_iters} must be at least 1"),
             (self.epochs > 0, f"--epochs {self.epochs} must be positive"),

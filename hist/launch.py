@@ -284,7 +284,7 @@ def run_training(cfg: Config) -> Result:
         torch.set_num_threads(cfg.threads)
     datasets.Meter.enabled = world.rank == 0  # long waits (a folder's first index, a download) on rank 0 only
     train_split, test_split = load_data(cfg, world.size)
-    stop = StopFlag(cfg.stop_signal)
+    stop = StopFlag(cfg.stop_signal, cfg.stop_after_rounds)
     stop.install()  # before MPI starts, so an early SIGTERM is not lost
 
     on_cpu = checked.device.type == "cpu"

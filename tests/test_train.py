@@ -144,15 +144,21 @@ def uninterrupted_run(tmp_path_factory):
     return ref
 
 
-@pytest.mark.parametrize("how", ["sigkill", "sigusr1"])
+@pytest.mark.parametrize("how", ["sigkill", "sigusr1", "after-rounds"])
 def test_killed_run_resumes_to_the_uninterrupted_model(tmp_path, how, uninterrupted_run):
     ref = uninterrupted_run
     out = tmp_path / "cut.h5"
-    proc = _spawn(["--stop-signal", "USR1"] if how == "sigusr1" else [], out)  # USR2 is the default
-    _wait_for(out.with_suffix(".ckpt.pt"), proc)
+    if how == "after-rounds":  # the run stops itself (tools/gpu-check.sh: no signal racing its pace)
+        proc = _spawn(["--stop-after-rounds", "3"], out)
+        assert proc.wait(240) == 3 and "resume with --resume" in proc.stdout.read()
+        assert rounds(out)[0]["round"].tolist() == [0, 1, 2]
+        assert torch.load(out.with_suffix(".ckpt.pt"), weights_only=False)["round"] == 3
+    else:
+        proc = _spawn(["--stop-signal", "USR1"] if how == "sigusr1" else [], out)  # USR2 is the default
+        _wait_for(out.with_suffix(".ckpt.pt"), proc)
     if how == "sigkill":
         kill_job(proc, out)
-    else:  # Slurm's warning before the time limit
+    elif how == "sigusr1":  # Slurm's warning before the time limit
         # srun --signal delivers it to the ranks; one is enough, the ranks agree at each round end
         os.kill(rank_pids(out)[0], signal.SIGUSR1)
         assert proc.wait(120) == 3  # checkpoint at the round end, then exit 3

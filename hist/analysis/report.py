@@ -151,7 +151,18 @@ def _base_key(run: Run) -> tuple:
 # Options that say where a run's files live or how it is watched, not what it trained or how
 # fast: runs that differ only in these (or in the seed, which a row averages over) share a row.
 BOOKKEEPING_OPTIONS = frozenset(
-    {"seed", "out", "data_dir", "resume", "log_every", "tensorboard", "checkpoint", "checkpoint_every", "stop_signal"}
+    {
+        "seed",
+        "out",
+        "data_dir",
+        "resume",
+        "log_every",
+        "tensorboard",
+        "checkpoint",
+        "checkpoint_every",
+        "stop_signal",
+        "stop_after_rounds",
+    }
 )
 
 
