@@ -41,17 +41,17 @@ from .world import cpu_description, under_launcher, world_info_from_env
 
 
 def resolve_device(choice: str, local_rank: int) -> torch.device:
-    """The local rank's device, made the current one before Horovod or MPI start (so their
-    contexts, CUDA events and streams live on it, not on GPU 0)."""
+    """The local rank's device, not yet made current: where several ranks run, the
+    Synchroniser picks each rank's own GPU once the ranks can compare what they see
+    (`world.gpu_slot`) and makes it current before Horovod starts; one process makes it current
+    after `connect` (so CUDA events and streams live on it, not on GPU 0)."""
     if choice == "cpu":
         return torch.device("cpu")
     usable = torch.cuda.is_available() and torch.cuda.device_count() > 0
     if usable:
         # Two ranks given one GPU here (more local ranks than visible GPUs) are found once
         # the ranks can compare placements: check_gpu_placement, after MPI starts.
-        device = torch.device("cuda", local_rank % torch.cuda.device_count())
-        torch.cuda.set_device(device)
-        return device
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
     if choice == "cuda":
         raise HistError("--device cuda but no usable CUDA device; use --device cpu or auto")
     if os.environ.get("CUDA_VISIBLE_DEVICES"):
@@ -70,23 +70,27 @@ def gpu_identity(device: torch.device) -> str | None:
     return str(uuid) if uuid is not None else f"index {device.index}"
 
 
-def check_gpu_placement(placements: list[tuple[str, str | None]], share: bool) -> None:
+def check_gpu_placement(placements: list[tuple[str, str | None]], share: bool, nccl: bool = False) -> None:
     """`placements[r]` = (host, GPU) of rank r. Two ranks on one GPU are refused unless sharing
-    is asked for: NCCL would refuse the duplicate device at the first collective with an
-    internal error, and two ranks on one GPU halve each other's speed."""
+    is asked for (two ranks on one GPU halve each other's speed), and always where Horovod
+    reduces GPU tensors with NCCL (`nccl`): NCCL refuses the duplicate device at the first
+    collective ("Duplicate GPU detected", horovod#3929), --share-gpus or not."""
     ranks: dict[tuple[str, str], list[int]] = {}
     for rank, (host, gpu) in enumerate(placements):
         if gpu is not None:
             ranks.setdefault((host, gpu), []).append(rank)
     crowded = {k: v for k, v in ranks.items() if len(v) > 1}
-    if crowded and not share:
+    if crowded and (nccl or not share):
         (host, _), shared = next(iter(crowded.items()))
         here = [v for (h, _), v in ranks.items() if h == host]
-        raise HistError(
-            f"ranks {', '.join(map(str, shared))} share one GPU on {host}: {sum(map(len, here))} ranks there "
-            f"on {len(here)} GPU(s); launch at most one rank per GPU (srun --gpus-per-task=1 or "
-            f"--ntasks-per-node=<GPUs>), or pass --share-gpus if sharing is intended"
-        )
+        where = f"ranks {', '.join(map(str, shared))} share one GPU on {host}: {sum(map(len, here))} ranks there"
+        advice = "launch at most one rank per GPU (srun --gpus-per-task=1 or --ntasks-per-node=<GPUs>)"
+        if nccl:
+            raise HistError(
+                f"{where} on {len(here)} GPU(s), and NCCL (this Horovod's GPU reduction) refuses two ranks "
+                f"on one GPU, --share-gpus or not (horovod#3929); {advice}"
+            )
+        raise HistError(f"{where} on {len(here)} GPU(s); {advice}, or pass --share-gpus if sharing is intended")
 
 
 def default_out(cfg: Config, world_size: int) -> Path:
@@ -296,8 +300,14 @@ def run_training(cfg: Config) -> Result:
         block_transport=cfg.block_transport,
         device=checked.device,
     )
+    if sync.size > 1:  # the rank's own GPU, chosen once the ranks compared what they see
+        checked.device = sync.device
+    device = checked.device
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     try:  # every rank holds the same list, so every rank decides alike
-        check_gpu_placement(sync.allgather((world.host, gpu_identity(checked.device))), cfg.share_gpus)
+        placements = sync.allgather((world.host, gpu_identity(device)))
+        check_gpu_placement(placements, cfg.share_gpus, nccl=device.type == "cuda" and sync.nccl)
     except HistError as e:
         raise CollectiveError(str(e)) from None
     options_digest = hashlib.sha256(json.dumps(cfg.as_dict(), sort_keys=True).encode()).digest()
@@ -311,7 +321,6 @@ def run_training(cfg: Config) -> Result:
     resume_state = load_resume_state(cfg, checked, identity)
 
     torch.manual_seed(cfg.seed)
-    device = checked.device
     model = build_model(cfg.arch, datasets.num_classes(cfg.dataset, train_split), cfg.width).to(device)
     layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model.to(memory_format=layout)

@@ -49,6 +49,17 @@ def world_info_from_env(env=None) -> WorldInfo:
     return WorldInfo(_first(_RANK, env, 0), _first(_SIZE, env, 1), _first(_LOCAL, env, 0), socket.gethostname())
 
 
+def gpu_slot(views: list[tuple[str, str | None]], rank: int) -> int:
+    """Which of the GPUs rank `rank` sees is its own, from every rank's (host,
+    CUDA_VISIBLE_DEVICES): its place among the ranks of its host that see the same GPUs.
+
+    Not the local rank: a binding can show ranks of one host different GPU sets, each numbered
+    from 0 (srun --gpu-bind=closest on a 2-socket, 8-GPU node with the cyclic distribution:
+    tasks 0, 2, 4, 6 see GPUs 0-3, tasks 1, 3, 5, 7 GPUs 4-7), where local rank % 4 puts two
+    tasks on one GPU. With one view per host the two agree."""
+    return views[:rank].count(views[rank])
+
+
 def cpu_description() -> dict:
     """The processor by name and the instruction set torch's kernels use: runs on VMs of one
     kind can land on different processors, whose kernels round differently, so a figure names it."""

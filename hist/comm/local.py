@@ -30,6 +30,7 @@ class LocalSynchroniser:
     subnet: int = 0
     ranks_per_subnet: int = 1
     subnet_set = None
+    nccl = False  # one rank never shares a GPU with another
 
     def broadcast_model(self, model) -> None:
         pass

@@ -19,7 +19,7 @@ import torch
 
 from ..errors import CollectiveError, HistError
 from ..models.plan import Plan
-from ..world import world_info_from_env
+from ..world import gpu_slot, world_info_from_env
 from .traffic import Traffic, schedule_blocks
 
 
@@ -108,6 +108,20 @@ def resolve_block_transport(choice: str, device: torch.device, aware: bool) -> s
     return "device" if choice == "device" or (choice == "auto" and aware) else "host"
 
 
+def horovod_gpu_problem(gpu_built: bool) -> str | None:
+    """Why this Horovod cannot take GPU tensors (None: it can). A CPU-only build hands them to
+    its CPU path (`Do*CudaOnCPU`), whose callback throws outside Horovod's error handling: the
+    first collective crashes or hangs instead of failing."""
+    if gpu_built:
+        return None
+    return (
+        "the ranks train on CUDA devices but this Horovod was built without GPU support "
+        "(hvd.cuda_built() and hvd.nccl_built() are False): rebuild it where nvcc and NCCL are found "
+        "(pip uninstall horovod, then tools/bootstrap.sh, or tools/bootstrap.sh --horovod-only in a "
+        "cluster environment; docs/install.md), or train on the CPU with --device cpu"
+    )
+
+
 class Pending:
     """Communication in flight; `wait()` completes it (and copies results into place)."""
 
@@ -165,6 +179,16 @@ class Synchroniser:
                 f"{self.size} processes cannot form {self.subnets} equal subnetworks; "
                 f"use a process count that is a multiple of --subnets"
             )
+        # Before Horovod starts: a build that cannot take GPU tensors ends every rank with one
+        # line, and each rank takes its own GPU (made current, so Horovod's streams live on it).
+        self.nccl = bool(hvd.nccl_built())  # NCCL reduces GPU tensors (and refuses two ranks on one GPU)
+        if self.device.type == "cuda":
+            problem = horovod_gpu_problem(hvd.cuda_built() or hvd.rocm_built())
+            if self.world.allreduce(problem is not None, op=MPI.LOR):
+                raise CollectiveError(problem or "another rank's Horovod was built without GPU support")
+            views = self.world.allgather((world_info_from_env().host, os.environ.get("CUDA_VISIBLE_DEVICES")))
+            self.device = torch.device("cuda", gpu_slot(views, self.rank) % torch.cuda.device_count())
+            torch.cuda.set_device(self.device)
         self.ranks_per_subnet = self.size // self.subnets
         self.subnet = self.rank // self.ranks_per_subnet
         g = self.ranks_per_subnet
