@@ -58,15 +58,52 @@ def test_installer_builds_the_nccl_variant_only_where_cuda_nvcc_and_nccl_are(tmp
     out = _variant(tmp_path, **fake_cuda_tree(tmp_path))
     assert out[0].endswith("-cuda12.4-nvcc12.4-nccl-open-mpi-4.1.4") and out[1] == "gpu_operations=NCCL"
     assert out[2] == f"nccl={tmp_path}/site/nvidia/nccl" and out[3] == f"nvcc={tmp_path}/cuda/bin/nvcc"
-    # ... without NCCL anywhere: the CPU build, and the one line that says why.
-    proc = run(
-        ["bash", ROOT / "tools" / "bootstrap.sh", "--print-variant"],
-        HIST_VENV=BIN.parent,
-        **fake_cuda_tree(tmp_path / "b", nccl=None),
-    )
+    # ... without NCCL anywhere: no CPU-only Horovod on a CUDA machine (GPU tensors crash or hang
+    # it at the first collective): one line and exit 1, unless HIST_HOROVOD_CPU=1 asks for it.
+    no_nccl = fake_cuda_tree(tmp_path / "b", nccl=None)
+    proc = _bootstrap("--print-variant", check=False, **no_nccl)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == [
+        "[bootstrap] torch has CUDA 12.4 but NCCL was not found: pip install nvidia-nccl-cu12 or set "
+        "HOROVOD_NCCL_HOME; a CPU-only Horovod crashes or hangs on GPU tensors: install them, or set "
+        "HIST_HOROVOD_CPU=1 to build it for --device cpu"
+    ]
+    proc = _bootstrap("--print-variant", HIST_HOROVOD_CPU="1", **no_nccl)
     assert proc.stdout.split()[0].endswith("-cpu-open-mpi-4.1.4")
     assert "NCCL was not found: pip install nvidia-nccl-cu12 or set HOROVOD_NCCL_HOME" in proc.stdout
-    # ... and without nvcc anywhere, Horovod cannot build its CUDA kernels: the CPU build again.
-    env = {**fake_cuda_tree(tmp_path / "c"), "CUDA_HOME": str(tmp_path / "none")}
-    key, *_ = _variant(tmp_path, **env)
+    # ... and without nvcc anywhere, Horovod cannot build its CUDA kernels: the same stop, or the CPU build.
+    no_nvcc = {**fake_cuda_tree(tmp_path / "c"), "CUDA_HOME": str(tmp_path / "none")}
+    proc = _bootstrap("--print-variant", check=False, **no_nvcc)
+    assert proc.returncode == 1 and "torch has CUDA 12.4 but no nvcc is on PATH or in $CUDA_HOME/bin" in proc.stderr
+    key, *_ = _variant(tmp_path, HIST_HOROVOD_CPU="1", **no_nvcc)
     assert key.endswith("-cpu-open-mpi-4.1.4")
+
+
+def _bootstrap(*args, check=True, **env):
+    return run(["bash", ROOT / "tools" / "bootstrap.sh", *args], check=check, HIST_VENV=BIN.parent, **env)
+
+
+def test_gpu_operations_set_by_hand_need_nvcc_and_nccl_whatever_torch_has(tmp_path):
+    # HOROVOD_GPU_OPERATIONS=NCCL by hand without nvcc or NCCL used to reach CMake as
+    # HOROVOD_CUDA_HOME=. and HOROVOD_NCCL_INCLUDE=/include; now one line, and the opt-out does not apply.
+    tree = fake_cuda_tree(tmp_path)
+    for env, why in (
+        ({**tree, "CUDA_HOME": str(tmp_path / "none")}, "HOROVOD_GPU_OPERATIONS=NCCL but no nvcc is on PATH"),
+        ({**tree, "PYTHONPATH": ""}, "HOROVOD_GPU_OPERATIONS=NCCL but NCCL was not found"),
+        ({**tree, "PYTHONPATH": "", "HIST_TORCH_CUDA": ""}, "HOROVOD_GPU_OPERATIONS=NCCL but NCCL was not found"),
+    ):
+        proc = _bootstrap("--print-variant", check=False, HOROVOD_GPU_OPERATIONS="NCCL", HIST_HOROVOD_CPU="1", **env)
+        assert proc.returncode == 1 and proc.stderr.startswith(f"[bootstrap] {why}"), proc.stderr
+    out = _bootstrap("--print-variant", HOROVOD_GPU_OPERATIONS="NCCL", **tree).stdout.split()
+    assert out[1] == "gpu_operations=NCCL" and out[2] == f"nccl={tmp_path}/site/nvidia/nccl"
+
+
+def test_the_installed_horovod_is_checked_against_a_cuda_torch():
+    # The Horovod installed here is the CPU build: right for this CPU torch, wrong for a CUDA
+    # one (HIST_TORCH_CUDA stands in for torch.version.cuda: no CUDA torch installs here).
+    assert "fits this machine" in _bootstrap("--check").stderr
+    proc = _bootstrap("--check", check=False, HIST_TORCH_CUDA="12.4")
+    assert proc.returncode == 1 and proc.stderr.startswith(
+        "[bootstrap] torch has CUDA 12.4 but the installed Horovod has no NCCL, so GPU tensors crash or hang it"
+    )
+    assert "fits this machine" in _bootstrap("--check", HIST_TORCH_CUDA="12.4", HIST_HOROVOD_CPU="1").stderr

@@ -9,10 +9,13 @@
 #     present (torch built with CUDA, nvcc on PATH or in $CUDA_HOME, NCCL found: pip's
 #     nvidia-nccl-cu*, $HOROVOD_NCCL_HOME, the CUDA tree or /usr): then Horovod is built with
 #     HOROVOD_GPU_OPERATIONS=NCCL, pointed at that NCCL and nvcc, so GPU tensors are reduced by
-#     NCCL on the device. HOROVOD_GPU_OPERATIONS set by you wins.
+#     NCCL on the device. HOROVOD_GPU_OPERATIONS set by you wins, and needs nvcc (and NCCL for NCCL).
+#     Where torch has CUDA but nvcc or NCCL is missing, it stops with one line rather than build a
+#     CPU-only Horovod (GPU tensors crash or hang it); HIST_HOROVOD_CPU=1 asks for that CPU build.
 # On a cluster, inside an activated conda env or module environment:
 #   tools/bootstrap.sh --horovod-only   builds/installs Horovod (and hist) into that Python only.
 #   tools/bootstrap.sh --print-variant  prints the wheel key this machine would build, and stops.
+#   tools/bootstrap.sh --check          checks the installed Horovod fits this machine, and stops.
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -65,14 +68,43 @@ gpu_operations() {
   if [ -n "${HOROVOD_GPU_OPERATIONS:-}" ]; then echo "$HOROVOD_GPU_OPERATIONS"; return; fi
   if [ -n "$(torch_cuda)" ] && [ -n "$(find_nvcc)" ] && [ -n "$(find_nccl)" ]; then echo NCCL; fi
 }
-# Why a CUDA machine gets the CPU build, if it does: one line for the user.
+# Why the GPU build this machine needs cannot be made, if it cannot: one line for the user.
+# GPU operations set by hand need nvcc (and NCCL for NCCL) whatever torch has.
 why_not_nccl() {
-  local cuda
+  local cuda ops=${HOROVOD_GPU_OPERATIONS:-} asked
   cuda=$(torch_cuda)
-  [ -n "$cuda" ] || return 0
-  [ -n "$(find_nvcc)" ] || { echo "torch has CUDA $cuda but no nvcc is on PATH or in \$CUDA_HOME/bin"; return 0; }
-  [ -n "$(find_nccl)" ] || echo "torch has CUDA $cuda but NCCL was not found: pip install nvidia-nccl-cu${cuda%%.*} or set HOROVOD_NCCL_HOME"
+  asked=${ops:+HOROVOD_GPU_OPERATIONS=$ops}
+  [ -n "$cuda$ops" ] || return 0
+  [ -n "$(find_nvcc)" ] || { echo "${asked:-torch has CUDA $cuda} but no nvcc is on PATH or in \$CUDA_HOME/bin"; return 0; }
+  [ "${ops:-NCCL}" != NCCL ] || [ -n "$(find_nccl)" ] || \
+    echo "${asked:-torch has CUDA $cuda} but NCCL was not found: pip install nvidia-nccl-cu${cuda%%.*} or set HOROVOD_NCCL_HOME"
   return 0
+}
+# Stops (one line, exit 1) where the GPU build cannot be made: a CPU-only Horovod maps CUDA
+# tensors to its CPU path, whose callbacks throw outside its error handling, so the first
+# collective crashes or hangs. HIST_HOROVOD_CPU=1 asks for the CPU build on purpose.
+require_gpu_build() {
+  local why
+  why=$(why_not_nccl)
+  [ -n "$why" ] || return 0
+  [ -n "${HOROVOD_GPU_OPERATIONS:-}" ] && { say "$why"; exit 1; }
+  [ "${HIST_HOROVOD_CPU:-}" = 1 ] && return 0
+  say "$why; a CPU-only Horovod crashes or hangs on GPU tensors: install them, or set HIST_HOROVOD_CPU=1 to build it for --device cpu"
+  exit 1
+}
+# The installed Horovod against this machine: PyTorch always; NCCL where it was asked for, or
+# where torch has CUDA (unless HIST_HOROVOD_CPU=1).
+check_installed() {
+  local build cuda
+  # The whole output first: `grep -q` ends the pipe early and horovodrun dies of the broken pipe.
+  build=$("$venv/bin/horovodrun" --check-build)
+  grep -q '\[X\] PyTorch' <<< "$build" || { say "horovod lacks PyTorch support"; exit 1; }
+  cuda=$(torch_cuda)
+  if [ "$(gpu_operations)" = NCCL ] || { [ -n "$cuda" ] && [ -z "${HOROVOD_GPU_OPERATIONS:-}" ] && [ "${HIST_HOROVOD_CPU:-}" != 1 ]; }; then
+    grep -q '\[X\] NCCL' <<< "$build" || {
+      say "${cuda:+torch has CUDA $cuda but }the installed Horovod has no NCCL, so GPU tensors crash or hang it: pip uninstall horovod, then run this again where nvcc and NCCL are found, or set HIST_HOROVOD_CPU=1 to keep it for --device cpu"
+      exit 1; }
+  fi
 }
 wheel_variant() {
   local ops nvcc
@@ -87,8 +119,14 @@ wheel_key() {
   echo "horovod-$horovod_version-torch-$torch_version-$pyver-$(wheel_variant)"
 }
 if [ "${1:-}" = "--print-variant" ]; then
+  require_gpu_build
   echo "$(wheel_key) gpu_operations=$(gpu_operations) nccl=$(find_nccl) nvcc=$(find_nvcc)"
-  why=$(why_not_nccl); [ -z "$why" ] || echo "cpu build because: $why"
+  why=$(why_not_nccl); [ -z "$why" ] || echo "cpu build (HIST_HOROVOD_CPU=1) because: $why"
+  exit 0
+fi
+if [ "${1:-}" = "--check" ]; then
+  check_installed
+  say "the installed Horovod fits this machine: $venv"
   exit 0
 fi
 
@@ -151,17 +189,19 @@ horovod_wheel() {
     grep -q 'CMAKE_CXX_STANDARD 17' "$src/horovod-$horovod_version/CMakeLists.txt" || {
       say "could not raise the C++ standard in Horovod's CMakeLists.txt"; exit 1; }
     mkdir -p "$dir.tmp"
-    local why nccl nvcc gpu_env=()
-    why=$(why_not_nccl); [ -z "$why" ] || say "building without NCCL: $why"
-    if [ "$ops" = NCCL ]; then
+    local why nccl nvcc lib nccl_lib="" gpu_env=()
+    why=$(why_not_nccl); [ -z "$why" ] || say "building without NCCL (HIST_HOROVOD_CPU=1): $why"
+    if [ "$ops" = NCCL ]; then  # require_gpu_build found both
       nccl=$(find_nccl) nvcc=$(find_nvcc)
-      # Horovod's FindNCCL misses pip's libnccl.so.2 and nvcc outside PATH: name both.
-      gpu_env=(HOROVOD_NCCL_HOME="$nccl" HOROVOD_NCCL_INCLUDE="$nccl/include" HOROVOD_CUDA_HOME="$(dirname "$(dirname "$nvcc")")")
       for lib in lib lib64 lib/x86_64-linux-gnu; do
-        if ls "$nccl/$lib"/libnccl.so* >/dev/null 2>&1; then gpu_env+=(HOROVOD_NCCL_LIB="$nccl/$lib"); break; fi
+        if ls "$nccl/$lib"/libnccl.so* >/dev/null 2>&1; then nccl_lib=$nccl/$lib; break; fi
       done
+      [ -n "$nccl_lib" ] || { say "no libnccl.so* under $nccl/lib, lib64 or lib/x86_64-linux-gnu: set HOROVOD_NCCL_HOME to NCCL's home"; exit 1; }
+      # Horovod's FindNCCL misses pip's libnccl.so.2 and nvcc outside PATH: name both.
+      gpu_env=(HOROVOD_NCCL_HOME="$nccl" HOROVOD_NCCL_INCLUDE="$nccl/include" HOROVOD_NCCL_LIB="$nccl_lib"
+               HOROVOD_CUDA_HOME="$(dirname "$(dirname "$nvcc")")")
       # pip ships only libnccl.so.2: the linker looks for libnccl.so.
-      [ -e "${gpu_env[-1]#HOROVOD_NCCL_LIB=}/libnccl.so" ] || ln -sf libnccl.so.2 "${gpu_env[-1]#HOROVOD_NCCL_LIB=}/libnccl.so" 2>/dev/null || true
+      [ -e "$nccl_lib/libnccl.so" ] || ln -sf libnccl.so.2 "$nccl_lib/libnccl.so" 2>/dev/null || true
     fi
     env ${ops:+HOROVOD_GPU_OPERATIONS=$ops} "${gpu_env[@]}" \
     HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1 \
@@ -177,15 +217,12 @@ if [ "$horovod_only" = 0 ]; then
   install_system_packages
   create_venv
 fi
-"$venv/bin/python" -c "import horovod.torch" 2>/dev/null || \
-  "$venv/bin/pip" install -q --no-deps "$(horovod_wheel)"
-"$venv/bin/pip" install -q --no-deps -e "$root"
-# The whole output first: `grep -q` ends the pipe early and horovodrun dies of the broken pipe.
-build=$("$venv/bin/horovodrun" --check-build)
-grep -q '\[X\] PyTorch' <<< "$build" || { say "horovod lacks PyTorch support"; exit 1; }
-if [ "$(gpu_operations)" = NCCL ]; then
-  grep -q '\[X\] NCCL' <<< "$build" || {
-    say "CUDA is here but the installed Horovod has no NCCL: pip uninstall horovod, then run this again"; exit 1; }
+if ! "$venv/bin/python" -c "import horovod.torch" 2>/dev/null; then
+  require_gpu_build  # before the build, at the top level: an exit inside $(...) would not end the script
+  wheel=$(horovod_wheel)
+  "$venv/bin/pip" install -q --no-deps "$wheel"
 fi
+"$venv/bin/pip" install -q --no-deps -e "$root"
+check_installed
 if [ "$horovod_only" = 0 ]; then rm -f "$venv"/.hist-bootstrap-*; touch "$stamp"; fi
 say "ready: $venv"
