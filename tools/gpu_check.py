@@ -6,13 +6,15 @@ neither `pip install` nor click, Horovod or MPI is needed. Where Horovod, mpi4py
 `horovodrun` are all present, 2 ranks also train on the one GPU (sharing allowed).
 
 Checks, each in a child process of its own so that one failure never hides the next:
-- `train-<loader>-<precision>`: one-process hist training through two evaluations, stopped by
-  the time-limit signal after its first checkpoint, resumed to the end; the rounds must be
-  complete and unrepeated, and the phase times (CUDA events on a GPU) must add up to the wall
-  time of the rounds within 10%; images/s is recorded. Loaders: the on-device one (synthetic
-  32x32 set) and the streaming one (the Imagewoof sample, or a generated JPEG folder).
-- `ranks2-<method>`: IST and dp on 2 ranks (same device) under horovodrun.
-A precision the device has no fast path for (fp16 on a CPU) is listed under "skipped" with why.
+- `train-<loader>-<precision>`: one-process hist training through two evaluations, stopped
+  after its first checkpoint (the run stops itself after round 3, as on the time-limit signal:
+  `--stop-after-rounds`), resumed to the end; the rounds must be complete and unrepeated, and
+  the phase times (CUDA events on a GPU) must add up to the wall time of the rounds within 10%;
+  images/s, and the data and compute seconds, are recorded. Loaders: the on-device one
+  (synthetic 32x32 set) and the streaming one (the Imagewoof sample, or a generated JPEG folder).
+- `ranks2-<method>`: IST and dp on 2 ranks under horovodrun (one GPU each on CUDA).
+What cannot run here is listed under "skipped" with why: a precision the device has no fast
+path for (fp16 on a CPU), the 2-rank checks without Horovod or, on CUDA, without 2 GPUs.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -35,7 +36,8 @@ PRECISIONS = (("fp32", False), ("bf16", True), ("fp16", True))  # (precision, ch
 PHASE_TOLERANCE = 0.10
 CHILD_TIMEOUT_S = 150
 # Small enough for a 2-core CPU (CI runs this with --device cpu), still two evaluations and a
-# checkpoint in between: 4-step rounds, an evaluation every half of the run.
+# checkpoint in between: 8 rounds of 4 steps, an evaluation every half of the run, a checkpoint
+# every 2 rounds; the first run stops itself after round 3, past the first checkpoint.
 TRAIN = dict(
     arch="preact_resnet34",
     width=0.0625,
@@ -47,6 +49,28 @@ TRAIN = dict(
 )
 ARRAY = dict(dataset="synthetic", synthetic_size=512, batch_size=32, epochs=2.0, eval_every_epochs=1.0)
 FOLDER = dict(crop=32, eval_resize=36, batch_size=16, epochs=0.5, eval_every_epochs=0.25, workers=1)
+STOP_AFTER_ROUNDS = 3
+# On a GPU a 4-step round of this model takes 20-40 ms, and the per-round HDF5 append and the
+# gathers outside the timed phases would be 10-20% of it. There the rounds are 50 steps of 128
+# images on the device (8 rounds again: 200 steps an epoch), and an epoch of 32-image batches
+# (18 steps of the 600-image folder) on the streaming loader, with up to 4 decoding workers.
+ON_CUDA = {
+    "train": dict(local_iters=50),
+    "array": dict(synthetic_size=200 * 128, batch_size=128),
+    "folder": dict(batch_size=32, local_iters=18, epochs=8.0, eval_every_epochs=4.0),
+}
+
+
+def sizes(device: str) -> tuple[dict, dict, dict]:
+    """(TRAIN, ARRAY, FOLDER) for the device."""
+    if device == "cpu":
+        return TRAIN, ARRAY, FOLDER
+    workers = max(1, min(4, (os.cpu_count() or 2) - 1))
+    return (
+        {**TRAIN, **ON_CUDA["train"]},
+        {**ARRAY, **ON_CUDA["array"]},
+        {**FOLDER, **ON_CUDA["folder"], "workers": workers},
+    )
 
 
 def error_line(text: str) -> str:
@@ -90,7 +114,9 @@ def read_run(path: Path) -> dict:
 
 def phase_figures(run: dict, batch: int) -> dict:
     """Phase times against wall time over rounds that neither follow an evaluation nor a
-    checkpoint (those gaps are outside any round), and images/s of the training steps."""
+    checkpoint (those gaps are outside any round), images/s of the training steps, and the
+    seconds spent waiting for data against computing (a loader that cannot feed the device
+    shows as data_s near or above compute_s)."""
     import numpy as np
 
     r = run["rounds"]
@@ -108,23 +134,26 @@ def phase_figures(run: dict, batch: int) -> dict:
         return {"phase_ratio": None, "images_per_s": None}
     ratio = float(phases[clean].sum() / wall[[i - 1 for i in clean]].sum())
     images = float(r["steps"][clean].sum() * batch)
-    return {"phase_ratio": ratio, "images_per_s": images / float(phases[clean].sum())}
+    data_s, compute_s = float(r["data_s"][clean, 0].sum()), float(r["compute_s"][clean, 0].sum())
+    return {
+        "phase_ratio": ratio,
+        "images_per_s": images / float(phases[clean].sum()),
+        "data_s": round(data_s, 4),
+        "compute_s": round(compute_s, 4),
+        "data_per_compute": round(data_s / compute_s, 3) if compute_s > 0 else None,
+    }
 
 
 def check_training(name: str, options: dict, out: Path, env: dict) -> dict:
-    """Train, stop on the signal after the first checkpoint, resume, and look at the file."""
+    """Train until the run stops itself after round 3 (past its first checkpoint), as on the
+    time-limit signal; resume; look at the file. The run stopping itself cannot lose a race
+    with its own pace, as a signal sent once the checkpoint appears could on a fast device."""
     result = {"ok": False, "error": None}
     options = {**options, "out": str(out / f"{name}.h5")}
-    ckpt = out / f"{name}.ckpt.pt"
     t0 = time.time()
-    proc = child(options, env)
-    deadline = time.time() + CHILD_TIMEOUT_S
-    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    if proc.poll() is None and ckpt.exists():
-        proc.send_signal(signal.SIGUSR2)  # the time-limit warning: checkpoint at the round end, exit 3
+    proc = child({**options, "stop_after_rounds": STOP_AFTER_ROUNDS}, env)
     try:
-        text, _ = proc.communicate(timeout=max(1, deadline - time.time()))
+        text, _ = proc.communicate(timeout=CHILD_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         proc.kill()
         result["error"] = f"the first run did not end within {CHILD_TIMEOUT_S} s"
@@ -132,7 +161,7 @@ def check_training(name: str, options: dict, out: Path, env: dict) -> dict:
     if proc.returncode not in (0, 3):
         result["error"] = error_line(text)
         return result
-    result["stopped_on_signal"] = proc.returncode == 3
+    result["stopped_early"] = proc.returncode == 3
     proc = child({**options, "resume": True}, env)
     try:
         text, _ = proc.communicate(timeout=CHILD_TIMEOUT_S)
@@ -161,8 +190,11 @@ def check_training(name: str, options: dict, out: Path, env: dict) -> dict:
         problems.append(f"{len(set(evals))} evaluation(s), expected at least 2")
     if result["status"] != "completed":
         problems.append(f"status {result['status']}")
-    if not result["stopped_on_signal"]:
-        problems.append("the run ended before the signal could stop it (no resume was exercised)")
+    if not result["stopped_early"] or result["resumed_at_round"] != [STOP_AFTER_ROUNDS]:
+        problems.append(
+            f"the first run did not stop after round {STOP_AFTER_ROUNDS} and resume there "
+            f"(resumed at {result['resumed_at_round']}): no resume was exercised"
+        )
     ratio = result["phase_ratio"]
     if ratio is None or abs(ratio - 1) > PHASE_TOLERANCE:
         problems.append(f"phase times add up to {ratio} of the rounds' wall time (allowed: 1 +- {PHASE_TOLERANCE})")
@@ -172,7 +204,10 @@ def check_training(name: str, options: dict, out: Path, env: dict) -> dict:
 
 
 def check_ranks(method: str, device: str, out: Path, env: dict) -> dict:
-    options = {**TRAIN, **ARRAY, "epochs": 1.0, "method": method, "device": device, "share_gpus": True}
+    """2 ranks under horovodrun: on the CPU sharing it, on CUDA one GPU each (NCCL refuses two
+    ranks on one GPU)."""
+    train, array, _ = sizes(device)
+    options = {**train, **array, "epochs": 1.0, "method": method, "device": device, "share_gpus": device == "cpu"}
     options["out"] = str(out / f"ranks2-{method}.h5")
     proc = child(options, env, ranks=2)
     try:
@@ -191,6 +226,15 @@ def check_ranks(method: str, device: str, out: Path, env: dict) -> dict:
     }
 
 
+def ranks2_skipped(env: dict, device: str, gpus: int) -> str | None:
+    """Why the 2-rank checks cannot run here (None: they can)."""
+    if not (env["horovod.torch"] is True and env["mpi4py"] is True and env["horovodrun"]):
+        return "Horovod, mpi4py or horovodrun is missing here"
+    if device == "cuda" and gpus < 2:
+        return f"{gpus} GPU visible: 2 ranks need 2 GPUs, since NCCL refuses two ranks on one GPU (horovod#3929)"
+    return None
+
+
 def image_folder(out: Path) -> Path:
     """The Imagewoof sample if it is here, else a small JPEG folder made now (real decoding)."""
     for candidate in (os.environ.get("HIST_TEST_IMAGES"), ROOT.parent / "shared" / "data" / "imagewoof-sample"):
@@ -201,7 +245,7 @@ def image_folder(out: Path) -> Path:
 
     folder = out / "images"
     rng = np.random.default_rng(0)
-    for split, n in (("train", 48), ("val", 16)):
+    for split, n in (("train", 600), ("val", 200)):  # the sample's sizes, which the checks are sized for
         for label in ("a", "b"):
             (folder / split / label).mkdir(parents=True, exist_ok=True)
             for i in range(n // 2):
@@ -227,6 +271,10 @@ def environment(device: str) -> dict:
             info[module] = True
         except Exception as e:  # ImportError, or a library that fails to load
             info[module] = f"{type(e).__name__}: {str(e)[:120]}"
+    if info["horovod.torch"] is True:  # what it was built with (asked without starting it)
+        import horovod.torch as hvd
+
+        info["horovod_cuda_built"], info["horovod_nccl_built"] = bool(hvd.cuda_built()), bool(hvd.nccl_built())
     info["horovodrun"] = shutil.which("horovodrun")
     return info
 
@@ -257,28 +305,30 @@ def main(argv=None) -> int:
             from hist.engine.precision import precision_supported
 
             folder = image_folder(out)
+            train, array, folder_sizes = sizes(args.device)
             for precision, channels_last in PRECISIONS:
                 # a CPU emulates fp16 (about 90x slower than fp32 on a 2026 Xeon): named as skipped, not run
                 no_fast_path = precision_supported(precision, torch.device(args.device))
-                for loader, data in (("device", ARRAY), ("streaming", {**FOLDER, "dataset": "imagefolder"})):
+                for loader, data in (("device", array), ("streaming", {**folder_sizes, "dataset": "imagefolder"})):
                     name = f"train-{loader}-{precision}{'-channels_last' if channels_last else ''}"
                     if args.only and args.only not in name:
                         continue
                     if no_fast_path:
                         skipped[name] = no_fast_path
                         continue
-                    options = {**TRAIN, **data, "precision": precision, "channels_last": channels_last}
+                    options = {**train, **data, "precision": precision, "channels_last": channels_last}
                     options["device"] = args.device
                     if loader == "streaming":
                         options["data_dir"] = str(folder)
                     checks[name] = check_training(name, options, out, env)
-            multi = report["environment"]
-            if multi["horovod.torch"] is True and multi["mpi4py"] is True and multi["horovodrun"]:
+            gpus = torch.cuda.device_count() if args.device == "cuda" else 0
+            why_not = ranks2_skipped(report["environment"], args.device, gpus)
+            if why_not:
+                skipped["ranks2-*"] = why_not
+            else:
                 for method in ("ist", "dp"):
                     if not args.only or args.only in f"ranks2-{method}":
                         checks[f"ranks2-{method}"] = check_ranks(method, args.device, out, env)
-            else:
-                skipped["ranks2-*"] = "Horovod, mpi4py or horovodrun is missing here"
     finally:
         if not args.out:
             shutil.rmtree(out, ignore_errors=True)
