@@ -36,6 +36,8 @@ EXTRA_ENV = {
 
 
 def dry_run(template, nodes, tasks, method, **extra):
+    # sbatch exports the template's --cpus-per-task, so the golden lines follow the template
+    cpus = re.search(r"^#SBATCH --cpus-per-task=(\d+)$", (ROOT / "slurm" / template).read_text(), re.M).group(1)
     env = dict(
         os.environ,
         HIST_DRY_RUN="1",
@@ -43,7 +45,7 @@ def dry_run(template, nodes, tasks, method, **extra):
         SLURM_JOB_ID="4242",
         SLURM_JOB_NUM_NODES=str(nodes),
         SLURM_JOB_NODELIST="node[01-0%d]" % nodes,
-        SLURM_CPUS_PER_TASK="8",
+        SLURM_CPUS_PER_TASK=cpus,
         SLURM_SUBMIT_DIR=str(ROOT),
         HIST_VENV=str(VENV),
         DATASET="cifar100",
