@@ -291,15 +291,7 @@ def run_training(cfg: Config) -> Result:
     stop = StopFlag(cfg.stop_signal, cfg.stop_after_rounds)
     stop.install()  # before MPI starts, so an early SIGTERM is not lost
 
-    on_cpu = checked.device.type == "cpu"
-    sync = connect(
-        checked.subnets,
-        world.size,
-        cycle_time_ms=50 if on_cpu else None,
-        yield_when_idle=on_cpu,
-        block_transport=cfg.block_transport,
-        device=checked.device,
-    )
+    sync = connect(checked.subnets, world.size, block_transport=cfg.block_transport, device=checked.device)
     if sync.size > 1:  # the rank's own GPU, chosen once the ranks compared what they see
         checked.device = sync.device
     device = checked.device

@@ -44,7 +44,12 @@ def test_bench_quick_prints_every_figure(cifar_sample):
     assert all(row["full_images_per_s"] > 0 and row["s8_images_per_s"] > 0 for row in measured.values())
     assert set(r["overlap"]["sync_s_per_round"]) == {"overlap", "no-overlap"}
     assert all(v > 0 for v in r["overlap"]["sync_s_per_round"].values())
-    phases = {"subnet_step_ratio", "precision_layout", "pipeline", "end_to_end", "overlap", "accuracy"}
+    # hist's step against a bare PyTorch step of the same subnetwork, alone and inside IST at 2 ranks
+    b = r["bare_step_ratio"]
+    assert set(b["np1"]) == set(b["ist_np2"]) == {"0.0625"}
+    assert all(0.5 < v < 2 for v in [*b["np1"].values(), *b["ist_np2"].values()])
+    assert all(t["hist_step_s"] > 0 and t["bare_step_s"] > 0 for t in b["step_s"].values())
+    phases = {"bare_step", "subnet_step_ratio", "precision_layout", "pipeline", "end_to_end", "overlap", "accuracy"}
     assert set(r["phase_s"]) == phases and all(v > 0 for v in r["phase_s"].values())
     assert sum(r["phase_s"].values()) <= r["bench_s"]
 

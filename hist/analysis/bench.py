@@ -9,6 +9,7 @@ runs (one process against `horovodrun -np 2`), accuracy from real runs on CIFAR-
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import platform
 import shutil
@@ -23,11 +24,12 @@ import torch
 
 from .. import data as datasets
 from ..choices import PRECISIONS, SINGLE
-from ..comm import horovod_version, ring_allreduce_bytes, round_bytes
+from ..comm import connect, horovod_version, ring_allreduce_bytes, round_bytes
 from ..engine.precision import Precision, precision_supported
 from ..io.timings import read_run
 from ..models import build_model, conv_flops, make_plan, shared_and_partitioned
 from ..world import cpu_description
+from .steps import measure as bare_step
 from .suite import on_local_ranks
 
 # ResIST paper, ResNet-101 on CIFAR-100, GB per round, all machines (Table in Dun et al., 2022).
@@ -315,6 +317,27 @@ def accuracy(data_dir, epochs: float, tmp: Path, device: str = "cpu") -> dict:
     return out
 
 
+def bare_steps(widths, batch: int, pairs: int, device, launch: bool) -> dict:
+    """hist's step over a bare PyTorch step of the same subnetwork (`steps`): one process (the
+    full model) in this process, and 2-process IST (one subnetwork a rank) in a launched job."""
+    out = {"np1": {}, "ist_np2": {}, "step_s": {}}
+    for width in widths:
+        one = bare_step(connect(1, 1), width, batch, pairs, device)
+        out["np1"][str(width)] = one["bare_step_ratio"]
+        out["step_s"][f"np1-{width}"] = {k: one[k] for k in ("hist_step_s", "bare_step_s")}
+        if launch:
+            cmd = on_local_ranks(2, [sys.executable, "-m", "hist.analysis.steps", "--width", str(width),
+                                     "--batch", str(batch), "--pairs", str(pairs), "--device", device.type])  # fmt: skip
+            proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
+            if proc.returncode:
+                raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+            line = [x for x in proc.stdout.splitlines() if "{" in x][-1]  # horovodrun tags each line
+            two = json.loads(line[line.index("{") :])
+            out["ist_np2"][str(width)] = two["bare_step_ratio"]
+            out["step_s"][f"ist_np2-{width}"] = {k: two[k] for k in ("hist_step_s", "bare_step_s")}
+    return out
+
+
 def machine() -> dict:
     import h5py
 
@@ -355,11 +378,15 @@ def run(
         "bytes_per_round": bytes_per_round(),
         "published_gb_per_round": PUBLISHED_GB,
     }
+    launch = not skip_runs and shutil.which(_bin("horovodrun")) is not None
+    result["bare_step_ratio"] = timed(
+        "bare_step", bare_steps, (0.0625,) if quick else (0.0625, 0.25), batch_size, 3 if quick else 10, device, launch
+    )
     result["precision_layout"] = timed("precision_layout", precision_layout, width, batch_size, device, steps, warmup)
     pipe = timed("pipeline", pipeline_ratio, width, batch_size, device, steps, warmup)
     result["pipeline_ratio"] = pipe["ratio"]
     result["pipeline"] = pipe
-    if not skip_runs and shutil.which(_bin("horovodrun")) is not None:
+    if launch:
         with tempfile.TemporaryDirectory() as tmp:
             e2e = timed(
                 "end_to_end",
@@ -419,6 +446,12 @@ def format_table(r: dict) -> str:
                 else ""
             )
         )
+    b = r["bare_step_ratio"]
+    lines.append(
+        "hist step / bare PyTorch step of the same subnetwork (by width): one process "
+        + ", ".join(f"{w} {v:.3f}" for w, v in b["np1"].items())
+        + ("; IST 2 processes " + ", ".join(f"{w} {v:.3f}" for w, v in b["ist_np2"].items()) if b["ist_np2"] else "")
+    )
     lines.append("training images/s by precision and layout (ResNet-101 full / S=8 subnetwork):")
     for row in r["precision_layout"]:
         if "skipped" in row:

@@ -2,6 +2,8 @@
 stand-in that needs neither (`local`), and the byte accounting and block schedule every other
 floor counts with (`traffic`, pure)."""
 
+import torch
+
 from .local import LocalSynchroniser
 from .synchroniser import (
     Pending,
@@ -20,6 +22,11 @@ def connect(subnets: int, world_size: int, **options) -> Synchroniser | LocalSyn
     one-process run imports neither library."""
     if world_size == 1:
         return LocalSynchroniser(subnets)  # one rank: blocks never travel, host or not
+    if options.get("device", torch.device("cpu")).type == "cpu":
+        # CPU-only ranks: Horovod's background thread wakes rarely and MPI yields while it waits
+        # (the Synchroniser's fields say what each buys); GPU ranks keep Horovod's defaults.
+        options.setdefault("cycle_time_ms", 50)
+        options.setdefault("yield_when_idle", True)
     return Synchroniser(subnets, **options)
 
 

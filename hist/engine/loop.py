@@ -27,6 +27,7 @@ from .precision import Precision
 from .rounds import round_starts
 from .schedule import lr_at
 from .signals import StopFlag
+from .step import TrainStep
 
 
 @dataclass
@@ -128,9 +129,9 @@ def train(
     if start_round >= n_rounds:  # resuming a run that had finished: report its model again
         result.final_loss, result.final_accuracy, result.final_top5 = evaluate_model()
         log(f"the checkpoint is already at the last round ({n_rounds}); nothing left to train")
-    loss_fn = torch.nn.CrossEntropyLoss()
     writer = GuardedWriter(recorder)
     clock = PhaseClock(device)
+    train_step = TrainStep(model, method, precision, clock)
 
     last_wall = time.perf_counter() - t0
     for r in range(start_round, n_rounds):
@@ -140,23 +141,12 @@ def train(
         method.begin_round(r)
         clock.lap("sync")
         first, last = starts[r], starts[r + 1]
-        loss_sum = torch.zeros((), device=device)
+        loss_sum = torch.zeros((), device=device)  # read once a round, not once a step
         for step in range(first, last):
             x, y = train_data.batch(step)
             clock.lap("data")
-            lr = lr_at(step, total_steps, steps_per_epoch, cfg, peak)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            model.zero_grad(set_to_none=True)
-            with precision.autocast():
-                loss = loss_fn(model(x), y)
-            precision.backward(loss)
-            clock.lap("compute")
-            method.after_backward()
-            clock.lap("sync")
-            precision.step(optimizer, method)
-            loss_sum += loss.detach().float()
-            clock.lap("compute")
+            train_step.set_lr(lr_at(step, total_steps, steps_per_epoch, cfg, peak))
+            loss_sum += train_step(x, y).float()
         stats.loss = loss_sum.item() / (last - first)
 
         # One allreduce carries the stop flag and, per rank, whether its loss is still finite and its
@@ -205,7 +195,9 @@ def train(
         gathered = sync.gather(stats)
         if recorder is not None or progress is not None:
             per_rank = {k: [getattr(s, k) for s in gathered] for k in RoundStats.__dataclass_fields__}
-            writer.add_round(r, last - first, epoch, wall, per_rank, lr=lr, blocks=method.blocks_per_subnet())
+            writer.add_round(
+                r, last - first, epoch, wall, per_rank, lr=train_step.lr, blocks=method.blocks_per_subnet()
+            )
             t = result.totals
             t["images"] += (last - first) * cfg.batch_size * sync.size
             t["rounds"] += 1
@@ -216,7 +208,7 @@ def train(
                 phase_sums = {k: float(sum(per_rank[f"{k}_s"])) for k in ("data", "compute", "sync")}
                 images = (last - first) * cfg.batch_size * sync.size
                 mean_loss = sum(per_rank["loss"]) / len(per_rank["loss"])
-                progress.update(r + 1, epoch, wall, wall - last_wall, mean_loss, lr, images, phase_sums)
+                progress.update(r + 1, epoch, wall, wall - last_wall, mean_loss, train_step.lr, images, phase_sums)
         last_wall = wall
         if probe_now:  # the gradient noise scale's two norms, on the global model (not timed in the round)
             k = (r + 1) // cfg.noise_every
@@ -251,7 +243,9 @@ def train(
             raise CollectiveError(str(writer.error) if writer.error else "rank 0 could not write its files")
         if stop_now and not final:
             result.stopped_early = True
-            log(f"stopping at round {r + 1} on a signal; checkpoint written, resume with --resume")
+            log(
+                f"stopping at round {r + 1} on a signal or --stop-after-rounds; checkpoint written, resume with --resume"
+            )
             break
     result.wall_s = time.perf_counter() - t0
     return result

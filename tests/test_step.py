@@ -1,0 +1,68 @@
+"""hist's training step against the bare PyTorch step hist-bench compares it with: the same math."""
+
+import copy
+
+import torch
+
+from hist.analysis.steps import bare_network, compare
+from hist.comm import connect
+from hist.config import Config
+from hist.engine.clock import PhaseClock
+from hist.engine.precision import Precision
+from hist.engine.step import TrainStep
+from hist.methods import build_method
+from hist.models import build_model, make_plan
+
+CPU = torch.device("cpu")
+
+
+def subnetwork_model():
+    torch.manual_seed(0)
+    model = build_model("preact_resnet18", 10, 0.125)
+    model.layer3 = torch.nn.Sequential(*model.layer3, *[copy.deepcopy(model.layer3[1]) for _ in range(3)])
+    model.set_subnetwork(make_plan(0, 0, len(model.partitioned_blocks()), 2).blocks[0])
+    return model
+
+
+def test_the_bare_network_is_the_active_subnetwork():
+    model = subnetwork_model()
+    bare = bare_network(model)
+    active = [b for b in model.partitioned_blocks() if b.active]
+    assert 0 < len(active) < len(model.partitioned_blocks())
+    assert sum(isinstance(m, type(active[0])) for m in bare) == len(
+        [b for layer in (model.layer1, model.layer2, model.layer3, model.layer4) for b in layer if b.active]
+    )
+    x = torch.randn(8, 3, 32, 32)
+    assert torch.equal(bare(x), model(x))
+
+
+def test_hists_step_and_the_bare_step_move_the_weights_alike():
+    model = subnetwork_model()
+    twin = copy.deepcopy(model)
+    cfg = Config(width=0.125, arch="preact_resnet18")
+    step = TrainStep(model, build_method(cfg, model, connect(1, 1), 0.05), Precision("fp32", CPU), PhaseClock(CPU))
+    step.set_lr(0.05)
+    step.clock.start()
+    bare = bare_network(twin)
+    opt = torch.optim.SGD(bare.parameters(), lr=0.05, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    for _ in range(2):
+        loss = step(x, y)
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(bare(x), y).backward()
+        opt.step()
+    assert not loss.requires_grad
+    for (name, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert set(step.clock.read()) == {"compute", "sync"}
+
+
+def test_compare_reports_both_steps_and_their_ratio():
+    model = subnetwork_model()
+    cfg = Config(width=0.125, arch="preact_resnet18")
+    step = TrainStep(model, build_method(cfg, model, connect(1, 1), 0.05), Precision("fp32", CPU), PhaseClock(CPU))
+    step.set_lr(0.05)
+    batches = lambda i: (torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)))  # noqa: E731
+    out = compare(step, model, batches, pairs=3, warmup=1)
+    assert out["hist_step_s"] > 0 and out["bare_step_s"] > 0 and out["pairs"] == 3
+    assert 0.2 < out["bare_step_ratio"] < 5
