@@ -222,7 +222,11 @@ def _apply_preset(ctx: click.Context, param, name):
     type=click.Choice(choices.PRECISIONS),
     help="Autocast of the forward pass; fp16 adds a gradient scaler agreed within each subnetwork.",
 )
-@click.option("--channels-last", is_flag=True, help="NHWC memory layout for the model and the batches.")
+@click.option(
+    "--channels-last/--no-channels-last",
+    default=None,
+    help="NHWC memory layout for the model and the batches [default: on a CPU, where it is faster; off on a GPU].",
+)
 @click.option(
     "--block-transport",
     default=Config.block_transport,
@@ -392,6 +396,27 @@ def streaming_bench(dataset, data_dir, arch, width, crop, eval_resize, batch_siz
             f"{workers} decoding process(es): loader {r['loader_images_per_s']:.0f} images/s, "
             f"{arch} width {width} trains {r['model_images_per_s']:.0f} images/s: ratio {r['ratio']:.2f}x"
         )
+
+
+@bench.command("steps", context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
+@click.option("--widths", default="0.0625,0.25", help="Channel multipliers of the ResNet-101, comma-separated.")
+@click.option("--batch-size", default=128)
+@click.option("--pairs", default=20, help="Pairs of steps (hist's, the bare one) timed after 2 of warm-up.")
+@click.option("--device", default="auto", type=click.Choice(choices.DEVICES))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@user_errors("hist-bench")
+def steps_bench(widths, batch_size, pairs, device, as_json):
+    """hist's training step over a bare PyTorch step of the same subnetwork: one process, and
+    IST at 2 processes (under horovodrun, where it is installed)."""
+    from .analysis import bench as b
+    from .launch import resolve_device
+
+    try:
+        chosen = tuple(float(w) for w in widths.split(","))
+    except ValueError:
+        raise HistError(f"--widths {widths!r}: give channel multipliers as comma-separated numbers, e.g. 0.0625,0.25")
+    r = b.bare_steps(chosen, batch_size, pairs, resolve_device(device, 0), b.can_launch())
+    click.echo(json.dumps(r, indent=2) if as_json else b.format_bare_steps(r))
 
 
 def _int_list(least: int):

@@ -102,7 +102,9 @@ class Config:
     precision: str = (
         "fp32"  # fp32 | bf16 | fp16: autocast of the forward pass; fp16 adds a gradient scaler (weights stay fp32)
     )
-    channels_last: bool = False  # NHWC memory layout for the model and batches (faster convolutions on tensor cores)
+    channels_last: bool | None = (
+        None  # NHWC memory layout for the model and batches; None: where measured faster (engine.precision.prefers_channels_last)
+    )
     block_transport: str = (
         "auto"  # auto | host | device: IST blocks over MPI via pinned host buffers or device memory (CUDA-aware MPI)
     )

@@ -15,7 +15,7 @@ import json
 import os
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -26,7 +26,7 @@ from .comm import Synchroniser, connect
 from .config import Config
 from .data.order import images_per_rank
 from .engine import Result, StopFlag, lr_scaling, peak_lr, train
-from .engine.precision import check_supported
+from .engine.precision import check_supported, prefers_channels_last
 from .engine.progress import Progress
 from .engine.rounds import round_starts, rounds_before
 from .errors import CollectiveError, HistError
@@ -284,6 +284,8 @@ def build_loaders(cfg: Config, train_split, test_split, device: torch.device, ra
 def run_training(cfg: Config) -> Result:
     world = world_info_from_env()
     checked = check_options(cfg, world.size, world.local_rank)
+    if cfg.channels_last is None:  # resolved once the device is known, so the files say what ran
+        cfg = replace(cfg, channels_last=prefers_channels_last(checked.device))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     datasets.Meter.enabled = world.rank == 0  # long waits (a folder's first index, a download) on rank 0 only

@@ -30,7 +30,11 @@ def test_gpu_check_passes_on_the_cpu_with_its_json(tmp_path):
     report = json.loads(proc.stdout)
     assert report["ok"] is True and report["device"] == "cpu"
     checks = report["checks"]
-    assert TRAININGS | {"ranks2-ist", "ranks2-dp"} == set(checks)  # Horovod and MPI are here
+    assert TRAININGS | {"ranks2-ist", "ranks2-dp", "bare-step-np1", "bare-step-ranks2"} == set(checks)  # Horovod, MPI
+    for name in ("bare-step-np1", "bare-step-ranks2"):  # hist's step beside a bare one: measured, not judged
+        c = checks[name]
+        assert c["ok"] and set(c["bare_step_ratio"]) == {"0.0625"} and 0.5 < c["bare_step_ratio"]["0.0625"] < 2
+        assert c["step_s"]["0.0625"]["bare_step_s"] > 0 and isinstance(c["met"], bool)
     assert report["skipped"] == SKIPPED and SKIPPED.keys() >= NAMES["fp16"]
     for name in TRAININGS:
         c = checks[name]

@@ -66,3 +66,20 @@ def test_compare_reports_both_steps_and_their_ratio():
     out = compare(step, model, batches, pairs=3, warmup=1)
     assert out["hist_step_s"] > 0 and out["bare_step_s"] > 0 and out["pairs"] == 3
     assert 0.2 < out["bare_step_ratio"] < 5
+
+
+def test_hist_bench_steps_refuses_a_width_list_it_cannot_read_in_one_line():
+    from click.testing import CliRunner
+
+    from hist.cli import bench
+
+    result = CliRunner().invoke(bench, ["steps", "--widths", "0.0625,wide"])
+    assert result.exit_code == 2 and "--widths '0.0625,wide': give channel multipliers" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_on_a_cpu_the_layout_is_channels_last_unless_asked_otherwise():
+    from hist.engine.precision import prefers_channels_last
+
+    assert prefers_channels_last(CPU) is True
+    assert prefers_channels_last(torch.device("cuda", 0)) is False  # no GPU here: the decision only

@@ -13,6 +13,9 @@ Checks, each in a child process of its own so that one failure never hides the n
   images/s, and the data and compute seconds, are recorded. Loaders: the on-device one
   (synthetic 32x32 set) and the streaming one (the Imagewoof sample, or a generated JPEG folder).
 - `ranks2-<method>`: IST and dp on 2 ranks under horovodrun (one GPU each on CUDA).
+- `bare-step-np1`, `bare-step-ranks2`: hist's training step over a bare PyTorch step of the same
+  subnetwork (`hist.analysis.steps`, hist-bench's `bare_step_ratio`), one process and IST on
+  2 ranks, by width; a measurement beside its target (1.03), never a failure by itself.
 What cannot run here is listed under "skipped" with why: a precision the device has no fast
 path for (fp16 on a CPU), the 2-rank checks without Horovod or, on CUDA, without 2 GPUs.
 """
@@ -59,6 +62,12 @@ ON_CUDA = {
     "array": dict(synthetic_size=200 * 128, batch_size=128),
     "folder": dict(batch_size=32, local_iters=18, epochs=8.0, eval_every_epochs=4.0),
 }
+
+
+# The bare-step comparison: on a GPU the paper's width too, at the paper's batch; on a CPU only
+# the narrow model (a full-width step takes seconds there).
+BARE_STEP = {"cpu": dict(widths=(0.0625,), batch=32, pairs=3), "cuda": dict(widths=(0.0625, 1.0), batch=128, pairs=20)}
+BARE_STEP_TARGET = 1.03
 
 
 def sizes(device: str) -> tuple[dict, dict, dict]:
@@ -226,6 +235,29 @@ def check_ranks(method: str, device: str, out: Path, env: dict) -> dict:
     }
 
 
+def check_bare_step(device: str, env: dict, ranks: int = 1) -> dict:
+    """hist's step against the bare step, each width in a child (2 ranks: under horovodrun)."""
+    sizes_ = BARE_STEP[device]
+    result = {"ok": True, "error": None, "target": BARE_STEP_TARGET, "bare_step_ratio": {}, "step_s": {}}
+    for width in sizes_["widths"]:
+        cmd = [sys.executable, "-m", "hist.analysis.steps", "--width", str(width), "--batch", str(sizes_["batch"]),
+               "--pairs", str(sizes_["pairs"]), "--device", device]  # fmt: skip
+        if ranks > 1:
+            cmd = [shutil.which("horovodrun") or "horovodrun", "-np", str(ranks), "-H", f"localhost:{ranks}", *cmd]
+        try:
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            return {**result, "ok": False, "error": f"width {width}: did not end within {CHILD_TIMEOUT_S} s"}
+        lines = [line for line in proc.stdout.splitlines() if "{" in line]
+        if proc.returncode or not lines:
+            return {**result, "ok": False, "error": error_line(proc.stdout + proc.stderr)}
+        figures = json.loads(lines[-1][lines[-1].index("{") :])  # horovodrun tags its lines
+        result["bare_step_ratio"][str(width)] = round(figures["bare_step_ratio"], 4)
+        result["step_s"][str(width)] = {k: round(figures[k], 5) for k in ("hist_step_s", "bare_step_s")}
+    result["met"] = all(v <= BARE_STEP_TARGET for v in result["bare_step_ratio"].values())
+    return result
+
+
 def ranks2_skipped(env: dict, device: str, gpus: int) -> str | None:
     """Why the 2-rank checks cannot run here (None: they can)."""
     if not (env["horovod.torch"] is True and env["mpi4py"] is True and env["horovodrun"]):
@@ -321,14 +353,18 @@ def main(argv=None) -> int:
                     if loader == "streaming":
                         options["data_dir"] = str(folder)
                     checks[name] = check_training(name, options, out, env)
+            if not args.only or args.only in "bare-step-np1":
+                checks["bare-step-np1"] = check_bare_step(args.device, env)
             gpus = torch.cuda.device_count() if args.device == "cuda" else 0
             why_not = ranks2_skipped(report["environment"], args.device, gpus)
             if why_not:
-                skipped["ranks2-*"] = why_not
+                skipped["ranks2-*"] = skipped["bare-step-ranks2"] = why_not
             else:
                 for method in ("ist", "dp"):
                     if not args.only or args.only in f"ranks2-{method}":
                         checks[f"ranks2-{method}"] = check_ranks(method, args.device, out, env)
+                if not args.only or args.only in "bare-step-ranks2":
+                    checks["bare-step-ranks2"] = check_bare_step(args.device, env, ranks=2)
     finally:
         if not args.out:
             shutil.rmtree(out, ignore_errors=True)

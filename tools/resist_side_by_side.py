@@ -201,7 +201,7 @@ def run_release(args, tmp: Path) -> dict:
     }
 
 
-def run_hist(args, tmp: Path) -> dict:
+def run_hist(args, tmp: Path, layout: list[str] = ()) -> dict:
     from hist.io.timings import read_run
 
     out = tmp / "hist.h5"
@@ -212,14 +212,19 @@ def run_hist(args, tmp: Path) -> dict:
         "--arch", "preact_resnet101", "--width", str(args.width), "--batch-size", "128", "--lr", "0.03",
         "--lr-scaling", "none", "--warmup-epochs", "0", "--momentum", "0.9", "--weight-decay", "5e-4",
         "--optimizer-state", "restart", "--local-iters", str(args.local_iters), "--epochs", f"{epochs:.6f}",
-        "--threads", "1", "--bn-batches", "1", "--out", str(out),
+        "--threads", "1", "--bn-batches", "1", "--out", str(out), *layout,
     ]  # fmt: skip
     subprocess.run(cmd, check=True, capture_output=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     r = read_run(out).rounds
     steps = r["steps"][:, None] if r["steps"].ndim == 1 else r["steps"]
     per_step = ((r["data_s"] + r["compute_s"]) / steps).max(axis=1)
     steady = slice(1, len(per_step) - 1)
-    return {"step_s": float(per_step[steady].mean()), "sync_s": float(r["sync_s"].max(axis=1)[steady].mean())}
+    data = (r["data_s"] / steps).max(axis=1)
+    return {
+        "step_s": float(per_step[steady].mean()),
+        "data_s": float(data[steady].mean()),
+        "sync_s": float(r["sync_s"].max(axis=1)[steady].mean()),
+    }
 
 
 def main() -> None:
@@ -231,6 +236,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=4, help="rounds per run; the first and last are left out")
     p.add_argument("--processes", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--sides", default="release,hist,hist-nchw", help="which of release, hist, hist-nchw to run")
     p.add_argument("--release-rank", dest="rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
@@ -240,19 +246,25 @@ def main() -> None:
         release_rank(args)
         return
     runs = []
-    for i in range(args.repeats):  # one after the other, alternating which side goes first
-        for side in ("release", "hist") if i % 2 == 0 else ("hist", "release"):
+    sides = {
+        "release": run_release,
+        "hist": run_hist,  # hist-train's defaults: NHWC on a CPU
+        "hist-nchw": lambda a, tmp: run_hist(a, tmp, ["--no-channels-last"]),  # the release's layout
+    }
+    sides = {name: sides[name] for name in args.sides.split(",")}
+    for i in range(args.repeats):  # one after the other, in turn, each side first in turn
+        for side in list(sides)[i % len(sides) :] + list(sides)[: i % len(sides)]:
             with tempfile.TemporaryDirectory() as tmp:
-                fig = (run_release if side == "release" else run_hist)(args, Path(tmp))
+                fig = sides[side](args, Path(tmp))
             runs.append({"side": side, **fig})
             print(json.dumps(runs[-1]), flush=True)
     summary = {}
-    for side in ("release", "hist"):
-        steps = [r["step_s"] for r in runs if r["side"] == side]
-        summary[side] = {"step_s": steps, "sync_s": [r["sync_s"] for r in runs if r["side"] == side]}
-    summary["hist_over_release"] = statistics.median(summary["hist"]["step_s"]) / statistics.median(
-        summary["release"]["step_s"]
-    )
+    for side in sides:
+        summary[side] = {k: [r[k] for r in runs if r["side"] == side] for k in ("step_s", "sync_s")}
+    for side in sorted({"hist", "hist-nchw"} & set(sides) if "release" in sides else ()):
+        summary[f"{side}_over_release"] = statistics.median(summary[side]["step_s"]) / statistics.median(
+            summary["release"]["step_s"]
+        )
     summary["settings"] = {k: getattr(args, k) for k in ("width", "local_iters", "rounds", "processes", "repeats")}
     print(json.dumps(summary))
 

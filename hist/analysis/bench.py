@@ -338,6 +338,18 @@ def bare_steps(widths, batch: int, pairs: int, device, launch: bool) -> dict:
     return out
 
 
+def can_launch() -> bool:
+    """Whether this Python has horovodrun, for the multi-process figures."""
+    return shutil.which(_bin("horovodrun")) is not None
+
+
+def format_bare_steps(b: dict) -> str:
+    return "hist step / bare PyTorch step of the same subnetwork (by width): one process " + (
+        ", ".join(f"{w} {v:.3f}" for w, v in b["np1"].items())
+        + ("; IST 2 processes " + ", ".join(f"{w} {v:.3f}" for w, v in b["ist_np2"].items()) if b["ist_np2"] else "")
+    )
+
+
 def machine() -> dict:
     import h5py
 
@@ -378,7 +390,7 @@ def run(
         "bytes_per_round": bytes_per_round(),
         "published_gb_per_round": PUBLISHED_GB,
     }
-    launch = not skip_runs and shutil.which(_bin("horovodrun")) is not None
+    launch = not skip_runs and can_launch()
     result["bare_step_ratio"] = timed(
         "bare_step", bare_steps, (0.0625,) if quick else (0.0625, 0.25), batch_size, 3 if quick else 10, device, launch
     )
@@ -446,12 +458,7 @@ def format_table(r: dict) -> str:
                 else ""
             )
         )
-    b = r["bare_step_ratio"]
-    lines.append(
-        "hist step / bare PyTorch step of the same subnetwork (by width): one process "
-        + ", ".join(f"{w} {v:.3f}" for w, v in b["np1"].items())
-        + ("; IST 2 processes " + ", ".join(f"{w} {v:.3f}" for w, v in b["ist_np2"].items()) if b["ist_np2"] else "")
-    )
+    lines.append(format_bare_steps(r["bare_step_ratio"]))
     lines.append("training images/s by precision and layout (ResNet-101 full / S=8 subnetwork):")
     for row in r["precision_layout"]:
         if "skipped" in row:

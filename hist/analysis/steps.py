@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 
 import torch
@@ -25,7 +26,7 @@ from .. import data as datasets
 from ..comm import connect
 from ..config import Config
 from ..engine.clock import PhaseClock
-from ..engine.precision import Precision
+from ..engine.precision import Precision, prefers_channels_last
 from ..engine.step import TrainStep
 from ..methods import build_method
 from ..models import PreActResNet, build_model
@@ -90,14 +91,16 @@ def measure(sync, width: float, batch: int, pairs: int, device: torch.device, me
     torch.manual_seed(cfg.seed)
     split, _ = datasets.load("synthetic", seed=cfg.seed, synthetic_size=batch * 4)
     loader = datasets.DeviceLoader(split, "synthetic", batch, device, cfg.seed, sync.rank, sync.size, data_split="full")
-    model = build_model(cfg.arch, 10, width).to(device)
+    layout = torch.channels_last if prefers_channels_last(device) else torch.contiguous_format  # hist-train's default
+    model = build_model(cfg.arch, 10, width).to(device, memory_format=layout)
+    loader.memory_format = layout
     sync.broadcast_model(model)
     trained = build_method(cfg, model, sync, cfg.lr)
     trained.begin_round(0)
     train_step = TrainStep(model, trained, Precision(cfg.precision, device), PhaseClock(device))
     train_step.set_lr(cfg.lr)
     out = compare(train_step, model, lambda i: loader.batch(i % loader.steps_per_epoch), pairs)
-    out.update(width=width, batch=batch, processes=sync.size)
+    out.update(width=width, batch=batch, processes=sync.size, channels_last=layout == torch.channels_last)
     return out
 
 
@@ -118,7 +121,8 @@ def main(argv=None) -> None:
     if sync.rank == 0:
         out["bare_step_ratio_per_rank"] = ratios
         out["bare_step_ratio"] = max(ratios)
-        print(json.dumps(out), flush=True)
+        sys.stdout.write(json.dumps(out) + "\n")  # one write: mpirun tags a lone newline as a line of its own
+        sys.stdout.flush()
 
 
 if __name__ == "__main__":
