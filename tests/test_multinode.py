@@ -1,0 +1,68 @@
+"""Runs over two hosts, emulated on this machine by tools/hosts.sh (network namespaces, a
+hostname each, an address each on a private bridge): Open MPI starts the second host's ranks
+through the script's rsh agent, and their traffic crosses hosts over TCP, not shared memory."""
+
+import json
+import subprocess
+
+import h5py
+import pytest
+import torch
+
+from helpers import BIN, HOROVOD_MPIRUN, ROOT, TINY_RUN, mpirun, options, run
+
+HOSTS = ROOT / "tools" / "hosts.sh"
+pytestmark = [pytest.mark.multinode, pytest.mark.multiprocess]
+
+
+@pytest.fixture(scope="module")
+def two_hosts():
+    proc = subprocess.run(["bash", HOSTS, "up", "2"], capture_output=True, text=True)
+    if proc.returncode:
+        pytest.skip(f"no emulated hosts here: {proc.stderr.strip()}")
+    yield ["hist-h1", "hist-h2"]
+    subprocess.run(["bash", HOSTS, "down"], capture_output=True, text=True)
+
+
+def across_hosts(hosts, *args):
+    """2 ranks on each host, started from the first one; MPI over the hosts' own interface."""
+    line = [*HOROVOD_MPIRUN, "-np", 2 * len(hosts), "-H", ",".join(f"{h}:2" for h in hosts)]
+    line += ["--mca", "plm_rsh_agent", f"{HOSTS} rsh", *args]
+    return run(["bash", HOSTS, "exec", hosts[0], *line], OMPI_MCA_btl_tcp_if_include="eth0",
+               OMPI_MCA_oob_tcp_if_include="eth0")  # fmt: skip
+
+
+def the_run(path):
+    with h5py.File(path, "r") as f:
+        return f["rounds"]["loss"][:], json.loads(f.attrs["hosts"])
+
+
+def weights(checkpoint):
+    return torch.load(checkpoint, map_location="cpu", weights_only=False)["model"]
+
+
+@pytest.mark.slow
+def test_ist_over_two_hosts_trains_what_one_host_trains(two_hosts, tmp_path):
+    """IST with 2 subnetworks of 2 ranks, each subnetwork on a host of its own (as the Slurm
+    templates lay out 2 nodes x 4 GPUs): the same losses and weights, to the last bit, as the
+    same 4 ranks on one host. Open MPI's reductions take the same order by rank on either
+    transport, so nothing is left to a tolerance."""
+    train = [BIN / "hist-train", "synthetic", *TINY_RUN, *options(method="ist", subnets=2, epochs=1)]
+    across_hosts(two_hosts, *train, "--data-split", "full", "--out", tmp_path / "hosts.h5")
+    mpirun(4, *train, "--data-split", "full", "--out", tmp_path / "one.h5")
+    losses, hosts = the_run(tmp_path / "hosts.h5")
+    one_losses, one_hosts = the_run(tmp_path / "one.h5")
+    assert hosts == ["hist-h1", "hist-h1", "hist-h2", "hist-h2"]  # the timing file names each rank's host
+    assert len(set(one_hosts)) == 1 and one_hosts[0] not in two_hosts
+    assert len(losses) > 1 and (losses == one_losses).all()
+    a, b = weights(tmp_path / "hosts.ckpt.pt"), weights(tmp_path / "one.ckpt.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_hosts_sh_is_idempotent_and_names_each_host(two_hosts):
+    again = run(["bash", HOSTS, "up", "2"])
+    assert again.stdout.split() == ["hist-h1", "10.77.0.2", "hist-h2", "10.77.0.3"]
+    seen = run(["bash", HOSTS, "exec", "hist-h2", "sh", "-c", "hostname; cat /etc/hosts"]).stdout.split()
+    assert seen[0] == "hist-h2" and "10.77.0.2" in seen and "hist-h1" in seen
+    bad = run(["bash", HOSTS, "exec", "hist-h9", "true"], check=False)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "no host 'hist-h9'" in bad.stderr
