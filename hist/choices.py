@@ -18,6 +18,10 @@ SHARED_PRECISIONS = ("fp32", "fp16")
 PRECISIONS = ("fp32", "bf16", "fp16")
 BLOCK_TRANSPORTS = ("auto", "host", "device")
 DEVICES = ("auto", "cpu", "cuda")
+# the engine of a multi-process run (hist.world.resolve_engine): auto follows the launcher;
+# horovod is Horovod + MPI (horovodrun, mpirun, srun --mpi=pmix), torch is torch.distributed
+# (torchrun, or srun without an MPI plugin): Gloo on CPUs, NCCL on GPUs
+BACKENDS = ("auto", "horovod", "torch")
 STOP_SIGNALS = ("USR2", "USR1", "TERM")
 # shard: each epoch one permutation cut into disjoint per-rank shards (N ranks take 1/N of the
 # steps); full: every rank passes the whole set each epoch in its own order (the ResIST release)

@@ -234,6 +234,13 @@ def _apply_preset(ctx: click.Context, param, name):
     help="IST blocks over MPI: host (pinned buffers), device (CUDA-aware MPI), auto (device where possible).",
 )
 @click.option(
+    "--backend",
+    default=Config.backend,
+    type=click.Choice(choices.BACKENDS),
+    help="Multi-process engine: horovod (Horovod + MPI: horovodrun, mpirun, srun --mpi=pmix), torch "
+    "(torch.distributed: torchrun, srun), auto (the launcher's).",
+)
+@click.option(
     "--overlap/--no-overlap",
     default=Config.overlap,
     help="IST: move blocks while the shared-parameter allreduce is in flight.",

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from .choices import (
     AGGREGATES,
+    BACKENDS,
     BALANCES,
     BLOCK_TRANSPORTS,
     DATA_SPLITS,
@@ -108,6 +109,9 @@ class Config:
     block_transport: str = (
         "auto"  # auto | host | device: IST blocks over MPI via pinned host buffers or device memory (CUDA-aware MPI)
     )
+    backend: str = (
+        "auto"  # auto | horovod | torch: the multi-process engine (auto: the launcher's; hist.world.resolve_engine)
+    )
     overlap: bool = True  # IST: block transfers run while the shared-parameter allreduce is in flight
     device: str = "auto"  # auto (the local rank's GPU if CUDA works, else CPU) | cpu | cuda
     share_gpus: bool = False  # allow more ranks than GPUs on a node (tests, a 1-GPU box); refused otherwise
@@ -130,6 +134,7 @@ class Config:
             _one_of("--device", self.device, DEVICES),
             _one_of("--precision", self.precision, PRECISIONS),
             _one_of("--block-transport", self.block_transport, BLOCK_TRANSPORTS),
+            _one_of("--backend", self.backend, BACKENDS),
             _one_of("--data-split", self.data_split, DATA_SPLITS),
             _one_of("--round-schedule", self.round_schedule, ROUND_SCHEDULES),
             _one_of("--balance", self.balance, BALANCES),

@@ -1,4 +1,4 @@
-"""The composition root: one launch function for a laptop, `horovodrun`, `mpirun` or `srun`.
+"""The composition root: one launch function for a laptop, `horovodrun`, `mpirun`, `torchrun` or `srun`.
 
 It wires the floors together (data, model, method, communication, files) and hands them to
 the round loop. Everything that can be checked identically on every rank (options, data
@@ -22,7 +22,7 @@ import torch
 
 from . import data as datasets
 from .choices import FOLDER_DATASETS, run_label
-from .comm import Synchroniser, connect
+from .comm import Sync, connect
 from .config import Config
 from .data.order import images_per_rank
 from .engine import Result, StopFlag, lr_scaling, peak_lr, train
@@ -37,7 +37,7 @@ from .io.timings import TimingWriter
 from .methods import build_method
 from .models import ARCHS, build_model, partitioned_block_count
 from .models.plan import validate as validate_plan
-from .world import cpu_description, under_launcher, world_info_from_env
+from .world import cpu_description, resolve_engine, under_launcher, world_info_from_env
 
 
 def resolve_device(choice: str, local_rank: int) -> torch.device:
@@ -109,7 +109,7 @@ def check_writable(path: Path) -> None:
         raise HistError(f"cannot write --out {path}: permission denied; choose a writable place")
 
 
-def versions(sync: Synchroniser, device: torch.device) -> dict:
+def versions(sync: Sync, device: torch.device) -> dict:
     import h5py
     import numpy
 
@@ -140,6 +140,7 @@ class Checked:
     out: Path
     checkpoint: Path
     device: torch.device
+    engine: str  # "local", "horovod" or "torch" (hist.world.resolve_engine)
 
 
 def check_options(cfg: Config, world_size: int, local_rank: int) -> Checked:
@@ -166,7 +167,7 @@ def check_options(cfg: Config, world_size: int, local_rank: int) -> Checked:
     checkpoint = Path(cfg.checkpoint) if cfg.checkpoint else out.with_suffix(".ckpt.pt")
     device = resolve_device(cfg.device, local_rank)
     check_supported(cfg.precision, device)
-    return Checked(subnets, out, checkpoint, device)
+    return Checked(subnets, out, checkpoint, device, resolve_engine(cfg.backend, world_size))
 
 
 def load_data(cfg: Config, world_size: int):
@@ -189,13 +190,13 @@ def load_data(cfg: Config, world_size: int):
     return train_split, test_split
 
 
-def agree(sync: Synchroniser, error: HistError | None, what: str) -> None:
+def agree(sync: Sync, error: HistError | None, what: str) -> None:
     """Every rank learns whether rank 0 failed; all raise together, rank 0 says why."""
     if sync.any_over_world(error is not None):
         raise CollectiveError(str(error) if error else what)
 
 
-def claim_outputs(sync: Synchroniser, checked: Checked) -> RunLock | None:
+def claim_outputs(sync: Sync, checked: Checked) -> RunLock | None:
     """Phase 3: rank 0 locks the timing file and checkpoint against a second run."""
     lock, error = None, None
     if sync.rank == 0:
@@ -239,6 +240,7 @@ def open_recorder(cfg, sync, checked, device, train_data, test_data, resume_stat
             "lr_scaling": lr_scaling(cfg),
             "peak_lr": peak_lr(cfg, sync.size),
             "block_transport": sync.block_transport,
+            "engine": sync.engine,
         }
         try:
             start = resume_state["round"] if resume_state else 0
@@ -293,7 +295,9 @@ def run_training(cfg: Config) -> Result:
     stop = StopFlag(cfg.stop_signal, cfg.stop_after_rounds)
     stop.install()  # before MPI starts, so an early SIGTERM is not lost
 
-    sync = connect(checked.subnets, world.size, block_transport=cfg.block_transport, device=checked.device)
+    sync = connect(
+        checked.subnets, world.size, checked.engine, block_transport=cfg.block_transport, device=checked.device
+    )
     if sync.size > 1:  # the rank's own GPU, chosen once the ranks compared what they see
         checked.device = sync.device
     device = checked.device
@@ -335,7 +339,7 @@ def run_training(cfg: Config) -> Result:
     log(
         f"hist-train {cfg.method} on {cfg.dataset}: {sync.size} process(es), {checked.subnets} subnetwork(s), "
         f"{cfg.arch} width {cfg.width}, data split {cfg.data_split}, device {device}, {cfg.precision}"
-        f"{', channels_last' if cfg.channels_last else ''}, timings -> {checked.out}"
+        f"{', channels_last' if cfg.channels_last else ''}, engine {sync.engine}, timings -> {checked.out}"
     )
     if resume_state is not None:
         log(f"resuming from {checked.checkpoint}")
@@ -366,12 +370,12 @@ def run_training(cfg: Config) -> Result:
     if lock is not None:
         lock.release()
     if not result.stopped_early:
-        for line in summary(result, checked, cfg.tensorboard):
+        for line in summary(result, checked, cfg.tensorboard, sync.engine):
             log(line)
     return result
 
 
-def summary(result: Result, checked: Checked, tensorboard: str | None) -> list[str]:
+def summary(result: Result, checked: Checked, tensorboard: str | None, engine: str = "local") -> list[str]:
     """The end-of-run block: accuracy, speed, communication, where the files are, what next."""
     t = result.totals
     lines = [
@@ -384,6 +388,7 @@ def summary(result: Result, checked: Checked, tensorboard: str | None) -> list[s
             f"sync {100 * t['sync_s'] / max(t['busy_s'], 1e-9):.1f}% of a round, "
             f"{t['bytes'] / t['rounds'] / 1e6:.2f} MB sent per round (all ranks)"
         )
+    lines.append(f"  engine     {engine}")
     lines += [f"  timings    {checked.out}", f"  checkpoint {checked.checkpoint}"]
     if tensorboard:
         lines.append(f"  live view  tensorboard --logdir {tensorboard}")

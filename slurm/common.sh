@@ -18,6 +18,9 @@
 # would be bound to one core while it starts its decoding workers; the srun line passes it on.
 # HIST_GPU_BIND=closest adds --gpu-bind=closest (each task on the GPU nearest its CPUs) where
 # the site's GPU binding allows it.
+# HIST_BACKEND=torch runs the torch.distributed engine instead (no Horovod, no MPI): srun
+# --mpi=none, still one task per GPU, and hist-train builds its rendezvous from Slurm's variables
+# (the first host of the allocation, a port from the job id). HIST_BACKEND=horovod or unset: MPI.
 # Arguments after the template name go to hist-train: sbatch slurm/ist_2gpu.sbatch --epochs 2
 
 hist_slurm_run() {
@@ -41,11 +44,18 @@ hist_slurm_run() {
   [ "$ntasks" = 1 ] && tag=single
   # The job id names the file, so a requeued job (same id) continues the same file.
   local out="$out_dir/${tag}-${dataset}-np${ntasks}-${job}.h5"
-  local cmd=(srun --mpi=pmix --kill-on-bad-exit=1 --cpus-per-task="$OMP_NUM_THREADS")
+  local backend=${HIST_BACKEND:-} mpi=pmix
+  case "$backend" in
+    torch) mpi=none ;;
+    "" | horovod | auto) ;;
+    *) echo "hist: error: HIST_BACKEND=$backend: choose horovod or torch"; return 2 ;;
+  esac
+  local cmd=(srun --mpi="$mpi" --kill-on-bad-exit=1 --cpus-per-task="$OMP_NUM_THREADS")
   [ -n "${HIST_GPU_BIND:-}" ] && cmd+=(--gpu-bind="$HIST_GPU_BIND")
   cmd+=(hist-train "$dataset" --method "$method"
              --threads "$OMP_NUM_THREADS" --workers "$workers" --stop-signal "${HIST_STOP_SIGNAL:-USR2}"
              --out "$out" --resume)
+  [ -n "$backend" ] && cmd+=(--backend "$backend")
   [ -n "$data" ] && cmd+=(--data-dir "$data")
   cmd+=("$@")
   echo "hist: start $(date -u +%FT%TZ) job $job nodes ${SLURM_JOB_NUM_NODES:-1} (${SLURM_JOB_NODELIST:-?}) tasks $ntasks"

@@ -120,3 +120,8 @@ def rank_pids(out):
     pattern = f"^[^ ]*python[^ ]* [^ ]*/hist-train .*{out}"
     found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True)
     return sorted(int(p) for p in found.stdout.split())
+
+
+def torchrun(n, *args, **kw):
+    """n ranks under torch.distributed, as torchrun starts them (a free port of its own: tests run side by side)."""
+    return run([BIN / "torchrun", "--standalone", "--nproc-per-node", n, "--no-python", *args], **kw)

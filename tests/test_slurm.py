@@ -27,11 +27,13 @@ CASES = {  # golden file -> (template, nodes, tasks)
     "ist_8gpu_2x4": ("ist_8gpu.sbatch", 2, 8),
     "dp_4gpu": ("ist_4gpu.sbatch", 1, 4),
     "imagenet_2x4_staged": ("ist_8gpu.sbatch", 2, 8),
+    "ist_8gpu_2x4_torch": ("ist_8gpu.sbatch", 2, 8),
 }
 # Image folders on a parallel file system: unpacked to node-local disk first.
 EXTRA_ENV = {
     "imagenet_2x4_staged": {"DATASET": "imagenet", "HIST_STAGE": "/shared/imagenet.tar", "TMPDIR": "/local"},
     "ist_8gpu_2x4": {"HIST_GPU_BIND": "closest"},  # where the site's GPU binding allows it
+    "ist_8gpu_2x4_torch": {"HIST_BACKEND": "torch"},  # torch.distributed: no MPI plugin
 }
 
 

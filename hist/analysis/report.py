@@ -11,7 +11,7 @@ the table says so.
 from __future__ import annotations
 
 import json
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -241,6 +241,9 @@ def summarise(runs: list[Run], target_accuracy: float | None = None) -> tuple[li
     notes = [protocol_note(runs)]
     if processors := processor_note(runs):
         notes.append(processors)
+    engines = Counter(run.engine for run in runs if int(run.attrs["world_size"]) > 1)
+    if engines:  # which engine moved the bytes: Horovod + MPI, or torch.distributed
+        notes.append("engine: " + "; ".join(f"{e} ({n} run{'s' * (n > 1)})" for e, n in sorted(engines.items())))
     if target_accuracy is None:
         target_accuracy, why = default_target(runs)
         if target_accuracy is not None:

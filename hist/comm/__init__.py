@@ -1,9 +1,11 @@
-"""Communication: the only floor that knows Horovod and MPI (`synchroniser`), its one-process
-stand-in that needs neither (`local`), and the byte accounting and block schedule every other
-floor counts with (`traffic`, pure)."""
+"""Communication: the only floor that knows Horovod and MPI (`synchroniser`) and
+torch.distributed (`torchdist`), the interface both offer (`interface.Sync`), their one-process
+stand-in that needs none of them (`local`), and the byte accounting and block schedule every
+other floor counts with (`traffic`, pure)."""
 
 import torch
 
+from .interface import Sync, Waitable
 from .local import LocalSynchroniser
 from .synchroniser import (
     Pending,
@@ -17,11 +19,16 @@ from .synchroniser import (
 from .traffic import BlockOp, Traffic, ring_allreduce_bytes, round_bytes, schedule_blocks
 
 
-def connect(subnets: int, world_size: int, **options) -> Synchroniser | LocalSynchroniser:
-    """This job's synchroniser: Horovod and MPI beyond one process; for one, the stand-in, so a
-    one-process run imports neither library."""
+def connect(subnets: int, world_size: int, engine: str = "horovod", **options) -> Sync:
+    """This job's synchroniser for `engine` (`world.resolve_engine`): Horovod and MPI, or
+    torch.distributed, beyond one process; for one, the stand-in, so a one-process run imports
+    none of them."""
     if world_size == 1:
         return LocalSynchroniser(subnets)  # one rank: blocks never travel, host or not
+    if engine == "torch":
+        from .torchdist import TorchSynchroniser  # imported only when chosen: torch.distributed starts nothing
+
+        return TorchSynchroniser(subnets, device=options.get("device", torch.device("cpu")))
     if options.get("device", torch.device("cpu")).type == "cpu":
         # CPU-only ranks: Horovod's background thread wakes rarely and MPI yields while it waits
         # (the Synchroniser's fields say what each buys); GPU ranks keep Horovod's defaults.
@@ -34,8 +41,10 @@ __all__ = [
     "BlockOp",
     "LocalSynchroniser",
     "Pending",
+    "Sync",
     "Synchroniser",
     "Traffic",
+    "Waitable",
     "abort_world_if_running",
     "connect",
     "cuda_aware_mpi",

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from .traffic import Traffic
 
@@ -31,6 +32,8 @@ class LocalSynchroniser:
     ranks_per_subnet: int = 1
     subnet_set = None
     nccl = False  # one rank never shares a GPU with another
+    engine = "local"
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     def broadcast_model(self, model) -> None:
         pass
@@ -71,4 +74,4 @@ class LocalSynchroniser:
     def library_versions(self) -> dict:
         from .synchroniser import horovod_version
 
-        return {"horovod": horovod_version(), "mpi": "none (one process)"}
+        return {"engine": self.engine, "horovod": horovod_version(), "mpi": "none (one process)"}

@@ -152,6 +152,7 @@ class Synchroniser:
     block_transport: str = "host"
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     traffic: Traffic = field(default_factory=Traffic)
+    engine = "horovod"
 
     def __post_init__(self):
         # Set before MPI starts in this process; the user's own settings win.
@@ -393,7 +394,7 @@ class Synchroniser:
         """Horovod's and the MPI library's versions, for the timing file (Open MPI's string ends
         in a NUL, which JSON would keep)."""
         mpi = self.MPI.Get_library_version().replace("\x00", "").splitlines()[0].strip()
-        return {"horovod": horovod_version(), "mpi": mpi}
+        return {"engine": self.engine, "horovod": horovod_version(), "mpi": mpi}
 
 
 def horovod_version() -> str | None:

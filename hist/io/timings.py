@@ -257,6 +257,12 @@ class Run:
         return f"{versions['cpu']} ({versions['cpu_capability']})" if versions.get("cpu") else None
 
     @property
+    def engine(self) -> str:
+        """The engine that ran it: horovod, torch or local (one process); files from before the
+        record: horovod beyond one process."""
+        return str(self.attrs.get("engine") or ("local" if int(self.attrs.get("world_size", 1)) == 1 else "horovod"))
+
+    @property
     def data_split(self) -> str:
         """The run's protocol (hist-train --data-split); files from before the option: shard."""
         return str(self.attrs.get("data_split") or self.config.get("data_split") or "shard")
