@@ -108,11 +108,8 @@ class Enough(Exception):
     pass
 
 
-def release_rank(args) -> None:
-    """One rank of the release: run its main() until --rounds syncs, timing each round."""
-    import torch
-
-    torch.set_num_threads(1)
+def load_release(args) -> dict:
+    """The release's script, patched and executed as a module: its namespace."""
     for name in ("torchvision", "torchvision.transforms", "torchvision.datasets", "torchvision.datasets.cifar"):
         sys.modules[name] = types.ModuleType(name)
     sys.modules["torchvision.datasets.cifar"].CIFAR10 = None
@@ -126,7 +123,15 @@ def release_rank(args) -> None:
     ns = {"__name__": "resist_release"}
     source = patched_release(release_file(Path(args.release), SCRIPT), args.width, args.processes)
     exec(compile(source, SCRIPT, "exec"), ns)
+    return ns
 
+
+def release_rank(args) -> None:
+    """One rank of the release: run its main() until --rounds syncs, timing each round."""
+    import torch
+
+    torch.set_num_threads(1)
+    ns = load_release(args)
     spans = []  # (kind, start, end)
     model_cls = ns["ISTResNetModel"]
 
@@ -170,6 +175,68 @@ def release_rank(args) -> None:
     for r, (kind, start, end) in zip(rounds[1:], [s for s in spans if s[0] == "dispatch"]):
         r["sync_s"] += end - start  # the next round's block redistribution belongs to this round's sync
     Path(args.out).write_text(json.dumps(rounds))
+
+
+def in_process(args) -> dict:
+    """The two steps alone, alternating on the same batches in this process: the release's loop
+    body on its model, and hist's TrainStep on hist's, each with the same subnetwork (plan 0's
+    first); hist in its default layout and in NCHW. A neighbour's load falls on all alike, so
+    the ratios hold on a busy machine, where separate runs' times do not."""
+    import torch
+    import torch.nn.functional as F
+
+    from hist.comm import connect
+    from hist.config import Config
+    from hist.engine.clock import PhaseClock
+    from hist.engine.precision import Precision, prefers_channels_last
+    from hist.engine.step import TrainStep
+    from hist.methods import build_method
+    from hist.models import build_model, make_plan
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    ns = load_release(args)
+    blocks = make_plan(0, 0, 22, args.processes).blocks[0]
+    release = ns["PreActResNet101"](out_size=512, num_classes=10)
+    for i in range(1, 23):  # the release numbers layer3's blocks from 1; hist's partition from layer3[1]
+        release.layer3[i].active_flag = (i - 1) in blocks
+    release_opt = torch.optim.SGD(release.parameters(), lr=0.03, momentum=0.9, weight_decay=5e-4)
+    x, y = torch.randn(128, 3, 32, 32), torch.randint(0, 10, (128,))
+
+    def release_step():  # the release's loop body
+        release_opt.zero_grad()
+        output = release(x)
+        loss = F.cross_entropy(output, y)
+        loss.backward()
+        release_opt.step()
+        output.max(1, keepdim=True)[1].eq(y.view(-1, 1)).sum().item()
+
+    def hist_step(layout):
+        cfg = Config(width=args.width, lr=0.03, momentum=0.9, weight_decay=5e-4, optimizer_state="restart")
+        model = build_model(cfg.arch, 10, args.width).to(memory_format=layout)
+        step = TrainStep(model, build_method(cfg, model, connect(1, 1), cfg.lr), Precision("fp32", x.device),
+                         PhaseClock(x.device))  # fmt: skip
+        model.set_subnetwork(blocks)
+        step.set_lr(cfg.lr)
+        step.clock.start()
+        xl = x.contiguous(memory_format=layout)
+        return lambda: step(xl, y)
+
+    default = torch.channels_last if prefers_channels_last(x.device) else torch.contiguous_format
+    steps = {"release": release_step, "hist": hist_step(default), "hist-nchw": hist_step(torch.contiguous_format)}
+    times = {k: [] for k in steps}
+    for i in range(1 + args.pairs):
+        order = list(steps)[i % 3 :] + list(steps)[: i % 3]
+        for name in order:
+            t = time.perf_counter()
+            steps[name]()
+            if i:  # the first pass warms up
+                times[name].append(time.perf_counter() - t)
+    out = {k: statistics.median(v) for k, v in times.items()}
+    for side in ("hist", "hist-nchw"):
+        out[f"{side}_over_release"] = statistics.median(a / b for a, b in zip(times[side], times["release"]))
+    out["settings"] = {"width": args.width, "pairs": args.pairs, "subnetwork_blocks": len(blocks)}
+    return out
 
 
 def free_port() -> int:
@@ -237,6 +304,8 @@ def main() -> None:
     p.add_argument("--processes", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--sides", default="release,hist,hist-nchw", help="which of release, hist, hist-nchw to run")
+    p.add_argument("--in-process", action="store_true", help="time the two steps alone, alternating in one process")
+    p.add_argument("--pairs", type=int, default=6, help="with --in-process: rounds of the three steps timed")
     p.add_argument("--release-rank", dest="rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
@@ -244,6 +313,10 @@ def main() -> None:
     args.data_dir, args.release = str(Path(args.data_dir).resolve()), str(Path(args.release).resolve())
     if args.rank is not None:
         release_rank(args)
+        return
+    if args.in_process:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        print(json.dumps(in_process(args)))
         return
     runs = []
     sides = {
