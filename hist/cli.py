@@ -463,9 +463,18 @@ def _int_list(least: int):
     default=None,
     help="Mark the times of runs with more processes than this (default: the machine's cores).",
 )
+@click.option(
+    "--backend",
+    type=click.Choice(choices.BACKENDS),
+    default=None,
+    help="The engine of every multi-process run: horovod (under horovodrun), torch (under torchrun), "
+    "auto (Horovod where it imports) [default: hist-train's].",
+)
 @click.argument("train_options", nargs=-1, type=click.UNPROCESSED)
 @user_errors("hist-bench")
-def accuracy_suite(dataset, preset, folder, processes, methods, seeds, data_split, oversubscribed_above, train_options):
+def accuracy_suite(
+    dataset, preset, folder, processes, methods, seeds, data_split, oversubscribed_above, backend, train_options
+):
     """Run one preset under every method and process count, then print the published table.
 
     Options after `--` go to every hist-train run, e.g. `-- --data-dir ../shared/data/cifar10`.
@@ -481,6 +490,8 @@ def accuracy_suite(dataset, preset, folder, processes, methods, seeds, data_spli
         raise HistError(f"--methods: unknown {', '.join(bad)}; choose from {', '.join(choices.METHODS)}")
     if data_split:
         train_options = ("--data-split", data_split, *train_options)
+    if backend:
+        train_options = ("--backend", backend, *train_options)
     folder = folder or Path("runs") / f"accuracy-{preset}-{dataset}"
     try:  # the settings every run resolves to: the preset under the options given, as hist-train parses them
         ctx = train.make_context("hist-train", [dataset, "--preset", preset, *train_options])

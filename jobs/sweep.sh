@@ -6,7 +6,9 @@
 #   jobs/sweep.sh cifar10 [-- hist-train options]
 #   GPUS="1 2 4" METHODS="ist dp" jobs/sweep.sh cifar100 -- --epochs 50
 # Variables: GPUS ("1 2 4 8"), METHODS ("ist local-sgd dp"), SWEEP_DIR (runs/sweep-<dataset>-<time>),
-# SBATCH_ARGS (extra sbatch options for every job, e.g. "--partition=big --time=12:00:00").
+# SBATCH_ARGS (extra sbatch options for every job, e.g. "--partition=big --time=12:00:00"),
+# HIST_BACKEND (torch: every job under torch.distributed, srun --mpi=none; slurm/common.sh).
+#   HIST_BACKEND=torch jobs/sweep.sh cifar10
 # Run from the repository root. Prints the folder and the job ids.
 set -euo pipefail
 dataset=${1:?usage: jobs/sweep.sh DATASET [-- hist-train options]}

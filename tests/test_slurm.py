@@ -143,6 +143,17 @@ def test_the_three_templates_complete_on_a_real_slurm(slurm, tmp_path, cifar_sam
             assert f.attrs["status"] == "completed" and len(f["evals/test_accuracy"]) >= 1
 
 
+def test_the_torch_engine_runs_under_srun_without_mpi(slurm, tmp_path, cifar_sample):
+    """HIST_BACKEND=torch: srun --mpi=none, the rendezvous built from Slurm's variables."""
+    args = ["--cpus-per-task=1", f"--output={tmp_path}/%x-%j.out", "slurm/ist_2gpu.sbatch", "--epochs", "0.5", *TINY]
+    job = slurm.sbatch(*args, cwd=ROOT, env=job_env(tmp_path, HIST_BACKEND="torch", GLOO_SOCKET_IFNAME="lo"))
+    info = slurm.wait(job, 600)
+    log = (tmp_path / f"hist-2gpu-{job}.out").read_text()
+    assert info["JobState"] == "COMPLETED" and "--mpi=none" in log and "engine     torch" in log, log
+    with h5py.File(tmp_path / f"ist-cifar10-np2-{job}.h5") as f:
+        assert f.attrs["engine"] == "torch" and f.attrs["status"] == "completed"
+
+
 @pytest.mark.parametrize("sig", ["USR2", "USR1"])
 def test_time_limit_signal_checkpoints_requeues_and_resumes(slurm, tmp_path, cifar_sample, sig):
     """USR2 is the templates' default (safe beside NCCL); USR1 is chosen by HIST_STOP_SIGNAL

@@ -2,6 +2,8 @@
 launcher implies, the same run to the bit under either, a checkpoint that crosses engines, four
 ranks in two subnetworks, a run with neither Horovod nor MPI, and the one line a wrong pairing gets."""
 
+from pathlib import Path
+
 import h5py
 import numpy as np
 import pytest
@@ -116,3 +118,15 @@ def test_a_wrong_pairing_gets_one_line_naming_the_launcher(tmp_path):
     proc = torchrun(2, *_train("ist", "shard", tmp_path / "x.h5", "--backend", "horovod"), check=False)
     lines = [line for line in proc.stderr.splitlines() if "hist-train: error" in line]
     assert proc.returncode != 0 and len(lines) == 1 and "horovodrun" in lines[0], proc.stderr[-2000:]
+
+
+def test_the_accuracy_suite_launches_the_engine_asked_for():
+    from hist.analysis.suite import _with_new_defaults, on_local_ranks
+    from hist.config import Config
+
+    assert Path(on_local_ranks(2, ["hist-train"], "torch")[0]).name == "torchrun"
+    assert Path(on_local_ranks(2, ["hist-train"], "horovod")[0]).name == "horovodrun"
+    assert on_local_ranks(1, ["hist-train"], "torch") == ["hist-train"]
+    before = Config().as_dict()
+    del before["backend"]  # a suite folder begun before --backend existed is continued, not refused
+    assert _with_new_defaults(before) == Config().as_dict()

@@ -9,6 +9,7 @@ published layout) as `report.md`, `report.json` and figures.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -21,6 +22,7 @@ from ..choices import SINGLE
 from ..config import Config
 from ..errors import HistError
 from ..presets import PRESETS, preset_options
+from ..world import horovod_importable
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,7 @@ def _status(path: Path) -> str | None:
         return None
 
 
-def command(run: SuiteRun, dataset: str, preset: str, out: Path, extra: list[str]) -> list[str]:
+def command(run: SuiteRun, dataset: str, preset: str, out: Path, extra: list[str], backend: str = "auto") -> list[str]:
     bindir = Path(sys.executable).parent
     method = [] if run.method == SINGLE else ["--method", run.method]
     cmd = [
@@ -68,13 +70,17 @@ def command(run: SuiteRun, dataset: str, preset: str, out: Path, extra: list[str
         str(out),
         *extra,
     ]
-    return on_local_ranks(run.processes, cmd)
+    return on_local_ranks(run.processes, cmd, backend)
 
 
-def on_local_ranks(processes: int, cmd: list[str]) -> list[str]:
-    """`cmd` as is for one process, else under this Python's horovodrun on as many ranks of this machine."""
+def on_local_ranks(processes: int, cmd: list[str], backend: str = "horovod") -> list[str]:
+    """`cmd` as is for one process, else on as many ranks of this machine under this Python's
+    horovodrun, or torchrun for the torch engine (`auto`: Horovod where it imports)."""
     if processes == 1:
         return cmd
+    if backend == "torch" or (backend == "auto" and not horovod_importable()):
+        bindir = Path(sys.executable).parent
+        return [str(bindir / "torchrun"), "--standalone", "--nproc-per-node", str(processes), "--no-python", *cmd]
     return [
         str(Path(sys.executable).parent / "horovodrun"),
         "-np",
@@ -83,6 +89,15 @@ def on_local_ranks(processes: int, cmd: list[str]) -> list[str]:
         f"localhost:{processes}",
         *cmd,
     ]
+
+
+def _with_new_defaults(resolved: dict | None) -> dict | None:
+    """A folder's settings with the options added to hist-train since at their defaults (a
+    folder begun before --backend existed ran what `auto` runs), so it can be continued."""
+    if resolved is None:
+        return None
+    added = {f.name: f.default for f in dataclasses.fields(Config) if f.name not in resolved}
+    return {**added, **resolved}
 
 
 def run_suite(
@@ -111,7 +126,10 @@ def run_suite(
         "methods": methods,
         "seeds": seeds,
         "extra_options": extra,
-        "commands": {r.name: " ".join(command(r, dataset, preset, folder / f"{r.name}.h5", extra)) for r in runs},
+        "commands": {
+            r.name: " ".join(command(r, dataset, preset, folder / f"{r.name}.h5", extra, resolved.backend))
+            for r in runs
+        },
     }
     settings_file = folder / "settings.json"
     if settings_file.exists():  # a folder holds one comparison: same settings, more runs
@@ -119,7 +137,7 @@ def run_suite(
             before = json.loads(settings_file.read_text())
         except ValueError:
             raise HistError(f"{settings_file} is not JSON; move it away or use another --out")
-        if (before.get("resolved"), before.get("dataset")) != (settings["resolved"], dataset):
+        if (_with_new_defaults(before.get("resolved")), before.get("dataset")) != (settings["resolved"], dataset):
             raise HistError(
                 f"{folder} holds runs with other settings (see {settings_file}); one folder is "
                 f"one comparison: use another --out"
@@ -136,7 +154,7 @@ def run_suite(
         if status == "completed":
             log(f"{r.name}: already completed, kept")
             continue
-        cmd = command(r, dataset, preset, out, extra + (["--resume"] if status else []))
+        cmd = command(r, dataset, preset, out, extra + (["--resume"] if status else []), resolved.backend)
         log(f"{r.name}: {'resuming' if status else 'running'} ({' '.join(cmd)})")
         t = time.time()
         with open(folder / f"{r.name}.log", "a") as logfile:
