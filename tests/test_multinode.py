@@ -3,13 +3,16 @@ hostname each, an address each on a private bridge): Open MPI starts the second 
 through the script's rsh agent, and their traffic crosses hosts over TCP, not shared memory."""
 
 import json
+import os
+import signal
 import subprocess
+import time
 
 import h5py
 import pytest
 import torch
 
-from helpers import BIN, HOROVOD_MPIRUN, ROOT, TINY_RUN, mpirun, options, run
+from helpers import BIN, HOROVOD_MPIRUN, ROOT, TINY_RUN, mpi_env, mpirun, options, rank_pids, run
 
 HOSTS = ROOT / "tools" / "hosts.sh"
 pytestmark = [pytest.mark.multinode, pytest.mark.multiprocess]
@@ -66,3 +69,42 @@ def test_hosts_sh_is_idempotent_and_names_each_host(two_hosts):
     assert seen[0] == "hist-h2" and "10.77.0.2" in seen and "hist-h1" in seen
     bad = run(["bash", HOSTS, "exec", "hist-h9", "true"], check=False)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "no host 'hist-h9'" in bad.stderr
+
+
+@pytest.mark.slow
+def test_a_host_lost_mid_run_ends_the_other_host_and_the_run_resumes(two_hosts, tmp_path):
+    """Every process of the second host SIGKILLed after the first checkpoint: the first host's
+    ranks end within 60 s with a line naming the lost host, the checkpoint is whole, and the
+    same 4 ranks on one host resume from it to the end."""
+    out = tmp_path / "lost.h5"
+    train = [BIN / "hist-train", "synthetic", *TINY_RUN, *options(method="ist", subnets=2, epochs=4)]
+    line = [*HOROVOD_MPIRUN, "-np", 4, "-H", ",".join(f"{h}:2" for h in two_hosts)]
+    line += ["--mca", "plm_rsh_agent", f"{HOSTS} rsh", *train, "--checkpoint-every", "1", "--out", out]
+    env = mpi_env(OMPI_MCA_btl_tcp_if_include="eth0", OMPI_MCA_oob_tcp_if_include="eth0")
+    job = subprocess.Popen(["bash", HOSTS, "exec", two_hosts[0], *map(str, line)], env=env, cwd=ROOT,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+    checkpoint = tmp_path / "lost.ckpt.pt"
+    deadline = time.time() + 120
+    while not checkpoint.exists() and job.poll() is None:
+        assert time.time() < deadline, "no checkpoint within 120 s"
+        time.sleep(0.2)
+    assert job.poll() is None, "the run ended before the host was lost: " + job.stdout.read()[-2000:]
+    lost = time.time()
+    pids = subprocess.run(["ip", "netns", "pids", two_hosts[1]], capture_output=True, text=True).stdout.split()
+    subprocess.run(["kill", "-9", *pids])
+    try:
+        text, _ = job.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(job.pid, signal.SIGKILL)
+        raise AssertionError("the first host's ranks still ran 60 s after the second host was lost")
+    assert job.returncode != 0 and time.time() - lost < 60
+    assert "hist-h2" in text, text[-2000:]  # the line that names the lost host
+    while rank_pids(out):  # the first host's ranks are gone before the resume takes the run lock
+        assert time.time() - lost < 90
+        time.sleep(0.1)
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)  # whole: it loads
+    mpirun(4, *train, "--checkpoint-every", "1", "--out", out, "--resume")
+    with h5py.File(out, "r") as f:
+        rounds = f["rounds"]["round"][:]
+        assert f.attrs["status"] == "completed" and list(rounds) == list(range(len(rounds)))
+        assert state["round"] in list(f.attrs["resumed_at_round"])
