@@ -20,8 +20,10 @@ _SIZE = ("HOROVOD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS", "WO
 _LOCAL = ("HOROVOD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID", "LOCAL_RANK")
 # torchrun's own numbering, read first under it: `srun torchrun` also sets SLURM_PROCID (the node's)
 _TORCHRUN = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
-# an MPI launcher's environment: horovodrun, mpirun, srun --mpi=pmix
-_MPI = ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "HOROVOD_RANK")
+# an MPI launcher's own environment (horovodrun, mpirun), and what an MPI plugin of srun or
+# another process manager adds (PMIx, PMI)
+_MPIRUN = ("OMPI_COMM_WORLD_RANK", "HOROVOD_RANK")
+_PMI = ("PMIX_RANK", "PMI_RANK")
 
 
 @dataclass(frozen=True)
@@ -54,15 +56,18 @@ def under_launcher(env=None) -> bool:
 
 
 def launcher(env=None) -> str | None:
-    """Which launcher started this process: "torchrun", "mpi" (horovodrun, mpirun, srun with an
-    MPI plugin), "srun" (srun without one), or None (none: one process)."""
+    """Which launcher started this process: "torchrun", "mpi" (horovodrun, mpirun, another PMI
+    process manager), "srun" (a job step, with an MPI plugin or without: Slurm's variables give
+    torch its rendezvous either way), or None (none: one process)."""
     env = os.environ if env is None else env
     if env.get("TORCHELASTIC_RUN_ID"):
         return "torchrun"
-    if any(env.get(name) for name in _MPI):
+    if any(env.get(name) for name in _MPIRUN):  # mpirun inside an allocation too
         return "mpi"
     if env.get("SLURM_PROCID") and env.get("SLURM_STEP_ID") is not None:
         return "srun"
+    if any(env.get(name) for name in _PMI):
+        return "mpi"
     if all(env.get(name) for name in ("MASTER_ADDR", "RANK", "WORLD_SIZE")):
         return "torchrun"
     return None

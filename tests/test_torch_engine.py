@@ -26,7 +26,9 @@ def test_the_launcher_implies_the_engine():
     assert [launcher(e) for e in (TORCHRUN, MPIRUN, SRUN, {})] == ["torchrun", "mpi", "srun", None]
     assert launcher({"MASTER_ADDR": "h", "RANK": "0", "WORLD_SIZE": "2"}) == "torchrun"
     assert launcher({**SRUN, "TORCHELASTIC_RUN_ID": "x"}) == "torchrun"  # srun torchrun
-    assert launcher({**SRUN, "PMIX_RANK": "3"}) == "mpi"  # srun --mpi=pmix
+    assert launcher({**SRUN, "PMIX_RANK": "3"}) == "srun"  # srun --mpi=pmix: either engine
+    assert launcher({**SRUN, **MPIRUN}) == "mpi"  # mpirun inside an allocation
+    assert launcher({"PMI_RANK": "1", "PMI_SIZE": "2"}) == "mpi"  # another process manager
     assert resolve_engine("auto", 2, TORCHRUN, yes) == "torch"
     assert resolve_engine("auto", 2, MPIRUN, yes) == "horovod"
     assert [resolve_engine("auto", 4, SRUN, h) for h in (yes, no)] == ["horovod", "torch"]
