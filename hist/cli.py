@@ -100,6 +100,11 @@ def _apply_preset(ctx: click.Context, param, name):
 )
 @click.option("--synthetic-size", default=Config.synthetic_size, help="Training images of the synthetic dataset.")
 @click.option(
+    "--synthetic-test-size",
+    default=Config.synthetic_test_size,
+    help="Test images of the synthetic dataset (0 = a quarter of --synthetic-size, at least 256).",
+)
+@click.option(
     "--arch",
     default=None,
     help="hist.models.ARCHS [default: preact_resnet101 for 32x32 sets, imagenet_preact_resnet101 for image folders].",

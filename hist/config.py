@@ -45,7 +45,8 @@ class Config:
     data_dir: str | None = (
         None  # official files, or the image folder with train/ and val/ (default: $HIST_DATA or ~/.cache/hist/data)
     )
-    synthetic_size: int = 4096  # training images of the synthetic dataset (test: a quarter, at least 256)
+    synthetic_size: int = 4096  # training images of the synthetic dataset
+    synthetic_test_size: int = 0  # test images of the synthetic dataset (0 = a quarter of synthetic_size, at least 256)
     arch: str = "preact_resnet101"  # hist.models.ARCHS: preact_resnet* (32x32 stem), imagenet_preact_resnet* (7x7 stem, bottlenecks)
     width: float = 1.0  # channel multiplier (1.0 = 64/128/256/512); small values for CPU runs
     method: str = "ist"  # ist | local-sgd | dp (one process: the full model, whatever the method)
@@ -174,6 +175,10 @@ class Config:
             (
                 self.synthetic_size > 0 and self.eval_batch_size > 0 and self.bn_batches >= 0,
                 "--synthetic-size, --eval-batch-size must be positive and --bn-batches not negative",
+            ),
+            (
+                self.synthetic_test_size >= 0,
+                f"--synthetic-test-size {self.synthetic_test_size} must not be negative (0 = a quarter of --synthetic-size)",
             ),
         ]
         for ok, message in checks:

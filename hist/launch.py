@@ -179,7 +179,11 @@ def load_data(cfg: Config, world_size: int):
         train_split, test_split = (datasets.index_folder(cfg.dataset, cfg.data_dir, s) for s in ("train", "val"))
     else:
         train_split, test_split = datasets.load(
-            cfg.dataset, Path(cfg.data_dir) if cfg.data_dir else None, cfg.seed, synthetic_size=cfg.synthetic_size
+            cfg.dataset,
+            Path(cfg.data_dir) if cfg.data_dir else None,
+            cfg.seed,
+            synthetic_size=cfg.synthetic_size,
+            synthetic_test_size=cfg.synthetic_test_size,
         )
     shard = images_per_rank(len(train_split), world_size, cfg.data_split)
     if cfg.batch_size > shard:

@@ -27,6 +27,7 @@ def one_line_error(proc, *needles):
         (["synthetic", "--batch-size", "0"], ["--batch-size"]),
         (["synthetic", "--local-iters", "0"], ["--local-iters"]),
         (["synthetic", "--epochs", "0"], ["--epochs"]),
+        (["synthetic", "--synthetic-test-size", "-1"], ["--synthetic-test-size -1"]),
         (["synthetic", "--min-depth", "40"], ["--min-depth", "22"]),
         (["synthetic", "--arch", "preact_resnet18", "--method", "ist", "--subnets", "2"], ["--subnets 2"]),
         (["synthetic", "--subnets", "2"], ["1 processes", "multiple of --subnets"]),

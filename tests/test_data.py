@@ -166,6 +166,13 @@ def test_synthetic_is_deterministic_and_learnable_shape():
     assert (pred == y).mean() > 0.5
 
 
+def test_synthetic_test_size_is_asked_for_and_leaves_the_training_images_alone():
+    train, test = data.load("synthetic", seed=5, synthetic_size=300)
+    train_big, test_big = data.load("synthetic", seed=5, synthetic_size=300, synthetic_test_size=2048)
+    assert len(test) == 256 and len(test_big) == 2048
+    assert np.array_equal(train.images, train_big.images) and np.array_equal(train.labels, train_big.labels)
+
+
 def test_shards_are_disjoint_equal_and_reshuffled_each_epoch():
     train, _ = data.synthetic(0, 103, 10)
     loaders = [data.DeviceLoader(train, "synthetic", 8, torch.device("cpu"), 1, r, 4) for r in range(4)]

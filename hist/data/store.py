@@ -122,14 +122,26 @@ def load_official(dataset: str, folder: Path, train: bool) -> Split:
     return split
 
 
+def synthetic_test_images(train_images: int, asked: int = 0) -> int:
+    """Test images of the synthetic set: `asked` (`--synthetic-test-size`), or by default a
+    quarter of the training images, at least 256. The training images are drawn first, so the
+    test size never changes them."""
+    return asked or max(256, train_images // 4)
+
+
 def load(
-    dataset: str, data_dir: Path | None = None, seed: int = 0, download_ok: bool = True, synthetic_size: int = 4096
+    dataset: str,
+    data_dir: Path | None = None,
+    seed: int = 0,
+    download_ok: bool = True,
+    synthetic_size: int = 4096,
+    synthetic_test_size: int = 0,
 ) -> tuple[Split, Split]:
     """(train, test) for one dataset: the single entry point `hist-train` uses."""
     if dataset not in ARRAY_DATASETS:
         raise HistError(f"unknown dataset {dataset!r}; choose one of {', '.join(ARRAY_DATASETS)}")
     if dataset == "synthetic":
-        return synthetic(seed, synthetic_size, max(256, synthetic_size // 4))
+        return synthetic(seed, synthetic_size, synthetic_test_images(synthetic_size, synthetic_test_size))
     data_dir = Path(data_dir) if data_dir else default_data_dir()
     folder = locate(dataset, data_dir)
     missing = [f for f in SOURCES[dataset].files if not (folder / f).is_file()]
