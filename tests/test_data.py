@@ -183,6 +183,26 @@ def test_shards_are_disjoint_equal_and_reshuffled_each_epoch():
     assert loaders[0].shard(1).tolist() != shards[0]
 
 
+@pytest.mark.parametrize("dataset,flips", [("cifar10", True), ("svhn", False), ("synthetic", False)])
+def test_training_batches_are_flipped_only_where_the_classes_are_mirror_symmetric(dataset, flips):
+    """A synthetic class is a fixed pattern and its mirror image is not that pattern (nor is a
+    digit's): flipped, half the training images would show what no test image does."""
+    x = (torch.arange(64 * 3 * 32 * 32) % 251).to(torch.uint8).reshape(64, 3, 32, 32).numpy()
+    loader = data.DeviceLoader(data.Split(x, np.zeros(64, dtype=np.int64)), dataset, 64, torch.device("cpu"), 0)
+    batch, _ = loader.batch(0)
+    order = loader.shard(0)[:64]
+    padded = torch.nn.functional.pad(torch.from_numpy(x)[order], (4, 4, 4, 4))
+    mirrored = 0
+    for i in range(64):
+        crops = [
+            loader.normalise(padded[i : i + 1, :, dy : dy + 32, dx : dx + 32]) for dy in range(9) for dx in range(9)
+        ]
+        if not any(torch.equal(batch[i : i + 1], c) for c in crops):
+            assert any(torch.equal(batch[i : i + 1], c.flip(3)) for c in crops)
+            mirrored += 1
+    assert (mirrored > 10) == flips, mirrored
+
+
 def test_augmentation_crops_from_the_padded_image_and_flips():
     x = torch.arange(2 * 3 * 32 * 32, dtype=torch.uint8).reshape(2, 3, 32, 32) % 251
     g = torch.Generator().manual_seed(0)

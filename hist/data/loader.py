@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from .order import calibration_order, epoch_shard, images_per_rank
-from .sources import STATS, Split
+from .sources import STATS, UNFLIPPED, Split
 
 
 class DeviceLoader:
@@ -42,7 +42,7 @@ class DeviceLoader:
         self.rank, self.world, self.data_split = rank, world, data_split
         self.augment = augment
         self.memory_format = torch.contiguous_format  # torch.channels_last for NHWC models
-        self.flip = dataset != "svhn"  # digits are not mirror-symmetric
+        self.flip = dataset not in UNFLIPPED
         self.shard_size = images_per_rank(len(self.labels), world, data_split)
         self.steps_per_epoch = self.shard_size // batch_size  # 0 when the batch exceeds the shard
         self._epoch, self._shard = -1, None

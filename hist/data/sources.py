@@ -18,6 +18,10 @@ from .folders import FOLDER_NUM_CLASSES, FOLDER_STATS, FolderSplit
 # The image-folder sets (hist.data.folders) are folded in; `imagefolder` has as many classes as
 # its train/ has folders, so only `num_classes` knows it.
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "svhn": 10, "synthetic": 10, **FOLDER_NUM_CLASSES}
+# Sets whose classes are not mirror-symmetric, so training never flips them: digits, and the
+# synthetic set, whose class is a fixed pattern that its mirror image is not (flipped, half the
+# training images showed patterns no test image has; docs/timings.md, issue 37).
+UNFLIPPED = frozenset({"svhn", "synthetic"})
 # Per-channel mean and std of the training sets (0-1 scale), for normalisation.
 STATS = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
