@@ -338,6 +338,9 @@ def report(paths, output, fmt, oversubscribed_above, target_accuracy, merge, no_
             written += rep.draw_projection(proj, rows, out)
         for path in written:
             click.echo(f"wrote {path}", err=True)
+    claim = rep.format_claim(rows) if fmt == "table" else ""
+    if claim:  # last: what the table and accuracy_vs_time say, in words
+        click.echo(claim)
 
 
 # ---------------------------------------------------------------- hist-bench

@@ -295,3 +295,56 @@ def test_each_seed_is_compared_with_the_one_process_run_of_its_seed(tmp_path):
     from hist.analysis.report import format_paper_table
 
     assert "-1.67 ± 0.33 vs single, seed by seed (n=3)" in format_paper_table(rows, notes)
+
+
+def test_the_claim_is_said_in_words_for_each_protocol(tmp_path):
+    """The demo's last lines: under full, IST's accuracy against one process's and how much
+    sooner it reached the target; under shard, the epoch's speed against linear and the
+    accuracy it cost at equal epochs, said as the trade-off it is."""
+    write_run(tmp_path / "single.h5", "single", 1, 4.0, accs=(50.0, 80.0))
+    write_run(tmp_path / "ist-shard.h5", "ist", 2, 1.0, accs=(60.0, 78.5), data_split="shard")
+    write_run(tmp_path / "ist-full.h5", "ist", 2, 3.0, accs=(77.0, 79.5), data_split="full")
+    from hist.analysis.report import format_claim, format_table
+
+    rows, notes = summarise(load_runs([tmp_path]))
+    full, shard = format_claim(rows).splitlines()
+    assert full.startswith("IST, --data-split full") and "79.50% against one process's 80.00%" in full
+    assert "(-0.50 points)" in full and "target 79.00% at 12.0 s against 16.0 s: 1.33x sooner" in full
+    assert (
+        shard.startswith("IST, --data-split shard")
+        and "2.00 s against one process's 8.00 s, 4.00x faster" in shard and "more than the 2x of 2 processes" in shard
+    )
+    assert "(-1.50 points), the price of taking 1/2 of the steps; it never reached the target 79.00%" in shard
+    table = format_table(rows, notes).splitlines()
+    assert "vs 1p" in table[0] and any(" -1.50 " in line and " shard " in line for line in table)
+    proc = subprocess.run([BIN / "hist-report", tmp_path, "--no-figures"], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.rstrip().splitlines()[-1] == shard, proc.stderr
+
+
+def test_an_epochs_training_is_timed_apart_from_its_evaluations(tmp_path):
+    """Evaluations cost every run alike (the same test images) and are not what a method speeds
+    up: the train columns leave them out; the last one, after the final round, is outside the wall."""
+    for name, method, world, step, evaluation in (("single", "single", 1, 4.0, 2.0), ("ist", "ist", 2, 1.0, 2.0)):
+        meta = {"method": method, "dataset": "synthetic", "arch": "preact_resnet18", "width": 0.25, "world_size": world}
+        w = TimingWriter(tmp_path / f"{name}.h5", {**meta, "subnets": world, "config": {"seed": 0}}, world)
+        wall = 0.0
+        for r in range(4):
+            wall += step
+            per_rank = {k: [0.0] * world for k in ("compute_s", "data_s", "sync_s", "loss")}
+            w.add_round(
+                r, 10, (r + 1) * 0.5, wall, {**per_rank, "bytes_sent": [0] * world, "bytes_received": [0] * world}
+            )
+            if r % 2 == 1:
+                wall += evaluation
+                w.add_eval(r, (r + 1) * 0.5, wall, 1.0, 50.0 + r, 60.0)
+        w.finish("completed", wall)
+    from hist.analysis.report import evaluation_seconds
+
+    runs = load_runs([tmp_path])
+    assert sorted(evaluation_seconds(r) for r in runs) == [2.0, 2.0]
+    rows, _ = summarise(runs)
+    by = {r["method"]: r for r in rows}
+    single, ist = by["single"], by["ist"]
+    assert single["seconds_per_epoch"] == pytest.approx(9.0) and single["train_seconds_per_epoch"] == pytest.approx(8.0)
+    assert ist["seconds_per_epoch"] == pytest.approx(3.0) and ist["train_seconds_per_epoch"] == pytest.approx(2.0)
+    assert ist["speedup"] == pytest.approx(3.0) and ist["train_speedup"] == pytest.approx(4.0)

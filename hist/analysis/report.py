@@ -31,8 +31,10 @@ COLUMNS = (
     "runs",
     "epochs",
     "seconds_per_epoch",
+    "train_seconds_per_epoch",
     "wall_s",
     "speedup",
+    "train_speedup",
     "speedup_vs_local_sgd",
     "time_to_target_s",
     "time_to_lower_target_s",
@@ -209,6 +211,17 @@ def longest(runs: list[Run]) -> tuple[list[Run], list[Run], float]:
     return [r for r in runs if epochs_done(r) == last], [r for r in runs if epochs_done(r) < last], last
 
 
+def evaluation_seconds(run: Run) -> float:
+    """Seconds of the run's wall time spent evaluating: each evaluation ends at its `evals/wall_s`
+    and starts at its round's `rounds/wall_s`; the one after the last round lies outside the wall."""
+    r, e = run.rounds, run.evals
+    if not len(r["wall_s"]):
+        return 0.0
+    ends = {int(k): float(w) for k, w in zip(r["round"], r["wall_s"])}
+    last = int(r["round"][-1])
+    return float(sum(w - ends[int(k)] for k, w in zip(e["round"], e["wall_s"]) if int(k) in ends and int(k) != last))
+
+
 def _run_figures(run: Run, target: float | None) -> dict:
     r, e = run.rounds, run.evals
     epochs = float(r["epoch"][-1]) if len(r["epoch"]) else 0.0
@@ -216,6 +229,8 @@ def _run_figures(run: Run, target: float | None) -> dict:
     return {
         "epochs": epochs,
         "seconds_per_epoch": wall / epochs if epochs else float("nan"),
+        # the same without the evaluations: what the method itself takes an epoch
+        "train_seconds_per_epoch": (wall - evaluation_seconds(run)) / epochs if epochs else float("nan"),
         "wall_s": wall,
         "time_to_target_s": time_to(run, target),
         "time_to_lower_target_s": time_to(run, None if target is None else target - LOWER_TARGET_POINTS),
@@ -305,6 +320,7 @@ def summarise(runs: list[Run], target_accuracy: float | None = None) -> tuple[li
                 notes.append(note)
         row.update(paired_gap(seed_finals[id(row)], seed_finals[id(base)] if singles and base is not row else {}))
         row["speedup"] = base["seconds_per_epoch"] / row["seconds_per_epoch"]
+        row["train_speedup"] = base["train_seconds_per_epoch"] / row["train_seconds_per_epoch"]
         tb, tr = base["time_to_target_s"], row["time_to_target_s"]
         row["speedup_to_target"] = tb / tr if tb and tr else None
         local = sorted(
@@ -446,10 +462,12 @@ def format_table(rows: list[dict], notes: list[str]) -> str:
         "epochs",
         "s/epoch",
         "speedup",
+        "train x",
         "to-target s",
         f"to-target-{LOWER_TARGET_POINTS:g} s",
         "speedup@tgt",
         "acc %",
+        "vs 1p",
         "top-5 %",
         "compute s",
         "data s",
@@ -469,10 +487,12 @@ def format_table(rows: list[dict], notes: list[str]) -> str:
                 fmt(r["epochs"]),
                 fmt(r["seconds_per_epoch"]),
                 fmt(r["speedup"]),
+                fmt(r["train_speedup"]),
                 fmt(r["time_to_target_s"], 1),
                 fmt(r["time_to_lower_target_s"], 1),
                 fmt(r["speedup_to_target"]),
                 fmt(r["final_accuracy"]),
+                "-" if r["gap_to_single"] is None else f"{r['gap_to_single']:+.2f}",
                 fmt(r["final_top5"]),
                 fmt(r["compute_s_per_round"], 3),
                 fmt(r["data_s_per_round"], 3),
@@ -485,6 +505,60 @@ def format_table(rows: list[dict], notes: list[str]) -> str:
     widths = [max(len(l[i]) for l in lines) for i in range(len(lines[0]))]
     text = "\n".join("  ".join(c.rjust(w) for c, w in zip(l, widths)) for l in lines)
     return text + "".join(f"\nnote: {n}" for n in notes)
+
+
+def format_claim(rows: list[dict]) -> str:
+    """The claim in plain words, for each IST row beside a one-process run of its model: under
+    `full` (every process takes one process's steps) whether IST ends at one process's accuracy
+    and how much sooner it reached the target; under `shard` (the processes share each epoch)
+    how much faster an epoch was against linear, and what that cost in accuracy at equal epochs.
+    Empty without a one-process run or an IST row."""
+    lines = []
+    for row in rows:
+        singles = [
+            x
+            for x in rows
+            if x["world_size"] == 1
+            and (x["dataset"], x["arch"], x["width"]) == (row["dataset"], row["arch"], row["width"])
+        ]
+        if row["method"] != "ist" or row["world_size"] == 1 or not singles or row["final_accuracy"] is None:
+            continue
+        base, n, target = singles[0], row["world_size"], row["target_accuracy"]
+        gap = row["final_accuracy"] - base["final_accuracy"]
+        ended = (
+            f"ended at {row['final_accuracy']:.2f}% against one process's {base['final_accuracy']:.2f}% "
+            f"after the same {row['epochs']:g} epochs ({gap:+.2f} points)"
+        )
+        t, tb = row["time_to_target_s"], base["time_to_target_s"]
+        if target is None:
+            reached = ""
+        elif t is None:
+            reached = f"; it never reached the target {target:.2f}%"
+        elif tb:
+            faster = "sooner" if tb >= t else "later"
+            reached = f"; it reached the target {target:.2f}% at {t:.1f} s against {tb:.1f} s: {max(tb, t) / min(tb, t):.2f}x {faster}"
+        else:
+            reached = f"; it reached the target {target:.2f}% at {t:.1f} s"
+        speed, train = row["speedup"], row["train_speedup"]
+        times = lambda x: f"{x:.2f}x faster" if x >= 1 else f"{1 / x:.2f}x slower"
+        epoch = (
+            f"an epoch took {row['seconds_per_epoch']:.2f} s against one process's {base['seconds_per_epoch']:.2f} s, "
+            f"{times(speed)}, and its training alone (evaluations aside) {times(train)}"
+        )
+        if row["data_split"] == "full":
+            lines.append(
+                f"IST, --data-split full: each of {n} processes passed the whole set every epoch, as many steps as one "
+                f"process, each on its own subnetwork (a share of the split blocks); {epoch}. It {ended}{reached}."
+            )
+        else:
+            linear = "more than" if train > n else "less than" if train < n else "exactly"
+            lines.append(
+                f"IST, --data-split {row['data_split']}: the {n} processes shared each epoch, so each took 1/{n} of "
+                f"one process's steps, each on its own subnetwork; {epoch}, {linear} "
+                f"the {n}x of {n} processes. At equal epochs it {ended}"
+                + (f", the price of taking 1/{n} of the steps{reached}." if gap < 0 and t is None else f"{reached}.")
+            )
+    return "\n".join(lines)
 
 
 def noise_summaries(runs: list[Run]) -> list[tuple[Run, dict]]:
@@ -540,21 +614,28 @@ def draw_figures(runs: list[Run], rows: list[dict], out: Path) -> list[Path]:
         ax.legend()
     save(fig, "speedup")
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    # Accuracy against wall time (who gets there sooner) and against epochs (what the same
+    # data buys), with the target: the claim under either protocol in one figure.
+    fig, (ax, ax_epochs) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     variant = variants(runs)
     for run in runs:
         if len(run.evals["wall_s"]):
             seed = run.config.get("seed")
-            ax.plot(
-                run.evals["wall_s"],
-                run.evals["test_accuracy"],
-                marker=".",
-                label=f"{run.attrs['method']} np{run.attrs['world_size']}"
+            label = (
+                f"{run.attrs['method']} np{run.attrs['world_size']}"
                 + (f" {run.data_split}" if int(run.attrs["world_size"]) > 1 else "")
                 + (f" {variant[id(run)]}" if variant[id(run)] else "")
-                + (f" seed {seed}" if seed else ""),
+                + (f" seed {seed}" if seed else "")
             )
+            (line,) = ax.plot(run.evals["wall_s"], run.evals["test_accuracy"], marker=".", label=label)
+            ax_epochs.plot(run.evals["epoch"], run.evals["test_accuracy"], marker=".", color=line.get_color())
+    target = next((r["target_accuracy"] for r in rows if r["target_accuracy"] is not None), None)
+    if target is not None:
+        for a in (ax, ax_epochs):
+            a.axhline(target, color="grey", ls="--", lw=1, label=f"target {target:.2f}%" if a is ax else None)
+        ax.set_ylim(bottom=max(0.0, target - 20), top=max(100.0, target) + 0.5)
     ax.set(xlabel="wall-clock time (s)", ylabel="test accuracy (%)", title="Accuracy against time")
+    ax_epochs.set(xlabel="epochs (of one process's data)", title="Accuracy against epochs")
     ax.legend(fontsize=8)
     save(fig, "accuracy_vs_time")
 
