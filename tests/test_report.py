@@ -312,7 +312,8 @@ def test_the_claim_is_said_in_words_for_each_protocol(tmp_path):
     assert "(-0.50 points)" in full and "target 79.00% at 12.0 s against 16.0 s: 1.33x sooner" in full
     assert (
         shard.startswith("IST, --data-split shard")
-        and "2.00 s against one process's 8.00 s, 4.00x faster" in shard and "more than the 2x of 2 processes" in shard
+        and "2.00 s against one process's 8.00 s, 4.00x faster" in shard
+        and "more than the 2x of 2 processes" in shard
     )
     assert "(-1.50 points), the price of taking 1/2 of the steps; it never reached the target 79.00%" in shard
     table = format_table(rows, notes).splitlines()
