@@ -281,7 +281,15 @@ def build_loaders(cfg: Config, train_split, test_split, device: torch.device, ra
         )
     return (
         datasets.DeviceLoader(
-            train_split, cfg.dataset, cfg.batch_size, device, cfg.seed, rank, world, data_split=cfg.data_split
+            train_split,
+            cfg.dataset,
+            cfg.batch_size,
+            device,
+            cfg.seed,
+            rank,
+            world,
+            augment=cfg.dataset not in datasets.UNAUGMENTED,
+            data_split=cfg.data_split,
         ),
         datasets.DeviceLoader(test_split, cfg.dataset, cfg.eval_batch_size, device, cfg.seed, augment=False),
     )

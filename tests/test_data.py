@@ -13,7 +13,9 @@ import scipy.io
 import torch
 
 from hist import data
+from hist.config import Config
 from hist.errors import HistError
+from hist.launch import build_loaders
 
 
 def write_cifar(folder: Path, names, n, label_key, rng):
@@ -183,24 +185,34 @@ def test_shards_are_disjoint_equal_and_reshuffled_each_epoch():
     assert loaders[0].shard(1).tolist() != shards[0]
 
 
-@pytest.mark.parametrize("dataset,flips", [("cifar10", True), ("svhn", False), ("synthetic", False)])
-def test_training_batches_are_flipped_only_where_the_classes_are_mirror_symmetric(dataset, flips):
-    """A synthetic class is a fixed pattern and its mirror image is not that pattern (nor is a
-    digit's): flipped, half the training images would show what no test image does."""
+@pytest.mark.parametrize(
+    "dataset,shifts,flips", [("cifar10", True, True), ("svhn", True, False), ("synthetic", False, False)]
+)
+def test_training_batches_are_augmented_only_where_it_keeps_the_class(dataset, shifts, flips):
+    """hist-train's training batches: a digit's mirror image is not that digit; a synthetic class
+    is a pattern at fixed places and orientation, which neither a shift nor a flip keeps, so its
+    training images stay plain."""
     x = (torch.arange(64 * 3 * 32 * 32) % 251).to(torch.uint8).reshape(64, 3, 32, 32).numpy()
-    loader = data.DeviceLoader(data.Split(x, np.zeros(64, dtype=np.int64)), dataset, 64, torch.device("cpu"), 0)
+    split = data.Split(x, np.zeros(64, dtype=np.int64))
+    loader, _ = build_loaders(Config(dataset=dataset, batch_size=64), split, split, torch.device("cpu"), 0, 1)
     batch, _ = loader.batch(0)
-    order = loader.shard(0)[:64]
-    padded = torch.nn.functional.pad(torch.from_numpy(x)[order], (4, 4, 4, 4))
-    mirrored = 0
+    padded = torch.nn.functional.pad(torch.from_numpy(x)[loader.shard(0)[:64]], (4, 4, 4, 4))
+    shifted = mirrored = 0
     for i in range(64):
-        crops = [
-            loader.normalise(padded[i : i + 1, :, dy : dy + 32, dx : dx + 32]) for dy in range(9) for dx in range(9)
-        ]
-        if not any(torch.equal(batch[i : i + 1], c) for c in crops):
-            assert any(torch.equal(batch[i : i + 1], c.flip(3)) for c in crops)
-            mirrored += 1
-    assert (mirrored > 10) == flips, mirrored
+        crops = {
+            (dy, dx): loader.normalise(padded[i : i + 1, :, dy : dy + 32, dx : dx + 32])
+            for dy in range(9)
+            for dx in range(9)
+        }
+        (dy, dx), flipped = next(
+            (k, f)
+            for f in (False, True)
+            for k, c in crops.items()
+            if torch.equal(batch[i : i + 1], c.flip(3) if f else c)
+        )
+        shifted += (dy, dx) != (4, 4)
+        mirrored += flipped
+    assert (shifted > 10, mirrored > 10) == (shifts, flips), (shifted, mirrored)
 
 
 def test_augmentation_crops_from_the_padded_image_and_flips():
