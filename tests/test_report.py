@@ -298,9 +298,9 @@ def test_each_seed_is_compared_with_the_one_process_run_of_its_seed(tmp_path):
 
 
 def test_the_claim_is_said_in_words_for_each_protocol(tmp_path):
-    """The demo's last lines: under full, IST's accuracy against one process's and how much
-    sooner it reached the target; under shard, the epoch's speed against linear and the
-    accuracy it cost at equal epochs, said as the trade-off it is."""
+    """The demo's last lines: for each protocol, IST's epoch against one process's (and against
+    linear under shard), its accuracy after the same epochs (under shard, what the shared epochs
+    cost), and when each first reached the target."""
     write_run(tmp_path / "single.h5", "single", 1, 4.0, accs=(50.0, 80.0))
     write_run(tmp_path / "ist-shard.h5", "ist", 2, 1.0, accs=(60.0, 78.5), data_split="shard")
     write_run(tmp_path / "ist-full.h5", "ist", 2, 3.0, accs=(77.0, 79.5), data_split="full")
@@ -308,14 +308,13 @@ def test_the_claim_is_said_in_words_for_each_protocol(tmp_path):
 
     rows, notes = summarise(load_runs([tmp_path]))
     full, shard = format_claim(rows).splitlines()
-    assert full.startswith("IST, --data-split full") and "79.50% against one process's 80.00%" in full
-    assert "(-0.50 points)" in full and "target 79.00% at 12.0 s against 16.0 s: 1.33x sooner" in full
-    assert (
-        shard.startswith("IST, --data-split shard")
-        and "2.00 s against one process's 8.00 s, 4.00x faster" in shard
-        and "more than the 2x of 2 processes" in shard
-    )
-    assert "(-1.50 points), the price of taking 1/2 of the steps; it never reached the target 79.00%" in shard
+    assert full.startswith("IST, --data-split full (each of 2 processes passes the whole set every epoch")
+    assert "an epoch took 6.00 s against one process's 8.00 s (1.33x faster; its training alone 1.33x faster)" in full
+    assert "in 12.0 s against 16.0 s, it ended at 79.50% against one process's 80.00% (-0.50 points)" in full
+    assert full.endswith("first reached the target 79.00% at epoch 2 (12.0 s), one process at epoch 2 (16.0 s).")
+    assert "(4.00x faster; its training alone 4.00x faster, more than the 2x of 2 processes)" in shard
+    assert "(-1.50 points: at equal epochs, 1/2 of the steps cost 1.50 points)" in shard
+    assert shard.endswith("It never reached the target 79.00%; one process reached it at epoch 2 (16.0 s).")
     table = format_table(rows, notes).splitlines()
     assert "vs 1p" in table[0] and any(" -1.50 " in line and " shard " in line for line in table)
     proc = subprocess.run([BIN / "hist-report", tmp_path, "--no-figures"], capture_output=True, text=True)

@@ -38,6 +38,7 @@ COLUMNS = (
     "speedup_vs_local_sgd",
     "time_to_target_s",
     "time_to_lower_target_s",
+    "epoch_at_target",
     "speedup_to_target",
     "final_accuracy",
     "final_accuracy_std",
@@ -199,6 +200,13 @@ def time_to(run: Run, target: float | None) -> float | None:
     return reached[0] if reached else None
 
 
+def epoch_at(run: Run, target: float | None) -> float | None:
+    """The epoch of the first evaluation at or above `target` (a machine's load cannot move it); None if never."""
+    e = run.evals
+    reached = [float(x) for x, acc in zip(e["epoch"], e["test_accuracy"]) if target is not None and acc >= target]
+    return reached[0] if reached else None
+
+
 def epochs_done(run: Run) -> float:
     """Epochs the run trained, to a tenth (the last round's epoch)."""
     return round(float(run.rounds["epoch"][-1]), 1) if len(run.rounds["epoch"]) else 0.0
@@ -233,6 +241,7 @@ def _run_figures(run: Run, target: float | None) -> dict:
         "train_seconds_per_epoch": (wall - evaluation_seconds(run)) / epochs if epochs else float("nan"),
         "wall_s": wall,
         "time_to_target_s": time_to(run, target),
+        "epoch_at_target": epoch_at(run, target),
         "time_to_lower_target_s": time_to(run, None if target is None else target - LOWER_TARGET_POINTS),
         "final_accuracy": float(e["test_accuracy"][-1]) if len(e["test_accuracy"]) else None,
         # files written before top-5 was recorded read it as NaN
@@ -508,12 +517,12 @@ def format_table(rows: list[dict], notes: list[str]) -> str:
 
 
 def format_claim(rows: list[dict]) -> str:
-    """The claim in plain words, for each IST row beside a one-process run of its model: under
-    `full` (every process takes one process's steps) whether IST ends at one process's accuracy
-    and how much sooner it reached the target; under `shard` (the processes share each epoch)
-    how much faster an epoch was against linear, and what that cost in accuracy at equal epochs.
-    Empty without a one-process run or an IST row."""
+    """The claim in plain words, for each IST row beside a one-process run of its model: its
+    epoch against one process's (and against linear under `shard`), its final accuracy after the
+    same epochs, and when it first reached the target against one process. Empty without a
+    one-process run or an IST row."""
     lines = []
+    times = lambda x: f"{x:.2f}x faster" if x >= 1 else f"{1 / x:.2f}x slower"
     for row in rows:
         singles = [
             x
@@ -523,41 +532,43 @@ def format_claim(rows: list[dict]) -> str:
         ]
         if row["method"] != "ist" or row["world_size"] == 1 or not singles or row["final_accuracy"] is None:
             continue
-        base, n, target = singles[0], row["world_size"], row["target_accuracy"]
+        base, n, target, split = singles[0], row["world_size"], row["target_accuracy"], row["data_split"]
         gap = row["final_accuracy"] - base["final_accuracy"]
-        ended = (
-            f"ended at {row['final_accuracy']:.2f}% against one process's {base['final_accuracy']:.2f}% "
-            f"after the same {row['epochs']:g} epochs ({gap:+.2f} points)"
-        )
-        t, tb = row["time_to_target_s"], base["time_to_target_s"]
-        if target is None:
-            reached = ""
-        elif t is None:
-            reached = f"; it never reached the target {target:.2f}%"
-        elif tb:
-            faster = "sooner" if tb >= t else "later"
-            reached = f"; it reached the target {target:.2f}% at {t:.1f} s against {tb:.1f} s: {max(tb, t) / min(tb, t):.2f}x {faster}"
-        else:
-            reached = f"; it reached the target {target:.2f}% at {t:.1f} s"
         speed, train = row["speedup"], row["train_speedup"]
-        times = lambda x: f"{x:.2f}x faster" if x >= 1 else f"{1 / x:.2f}x slower"
-        epoch = (
-            f"an epoch took {row['seconds_per_epoch']:.2f} s against one process's {base['seconds_per_epoch']:.2f} s, "
-            f"{times(speed)}, and its training alone (evaluations aside) {times(train)}"
+        how = (
+            f"each of {n} processes passes the whole set every epoch: one process's steps"
+            if split == "full"
+            else f"the {n} processes share each epoch: 1/{n} of one process's steps each"
         )
-        if row["data_split"] == "full":
-            lines.append(
-                f"IST, --data-split full: each of {n} processes passed the whole set every epoch, as many steps as one "
-                f"process, each on its own subnetwork (a share of the split blocks); {epoch}. It {ended}{reached}."
+        linear = ""
+        if split != "full":
+            linear = (
+                f", {'more than' if train > n else 'less than' if train < n else 'exactly'} the {n}x of {n} processes"
             )
-        else:
-            linear = "more than" if train > n else "less than" if train < n else "exactly"
-            lines.append(
-                f"IST, --data-split {row['data_split']}: the {n} processes shared each epoch, so each took 1/{n} of "
-                f"one process's steps, each on its own subnetwork; {epoch}, {linear} "
-                f"the {n}x of {n} processes. At equal epochs it {ended}"
-                + (f", the price of taking 1/{n} of the steps{reached}." if gap < 0 and t is None else f"{reached}.")
+        cost = ""
+        if split != "full":
+            cost = (
+                f": at equal epochs, 1/{n} of the steps cost {-gap:.2f} points"
+                if gap < 0
+                else f": at equal epochs, 1/{n} of the steps cost nothing here"
             )
+        line = (
+            f"IST, --data-split {split} ({how}, each on its own subnetwork): an epoch took "
+            f"{row['seconds_per_epoch']:.2f} s against one process's {base['seconds_per_epoch']:.2f} s ({times(speed)}; "
+            f"its training alone {times(train)}{linear}). After the same {row['epochs']:g} epochs, in "
+            f"{row['wall_s']:.1f} s against {base['wall_s']:.1f} s, it ended at {row['final_accuracy']:.2f}% against "
+            f"one process's {base['final_accuracy']:.2f}% ({gap:+.2f} points{cost})."
+        )
+        at = lambda r: (
+            "never"
+            if r["time_to_target_s"] is None
+            else f"at epoch {r['epoch_at_target']:g} ({r['time_to_target_s']:.1f} s)"
+        )
+        if target is not None and row["time_to_target_s"] is None:
+            line += f" It never reached the target {target:.2f}%; one process reached it {at(base)}."
+        elif target is not None:
+            line += f" It first reached the target {target:.2f}% {at(row)}, one process {at(base)}."
+        lines.append(line)
     return "\n".join(lines)
 
 
