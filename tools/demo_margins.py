@@ -6,8 +6,10 @@ Each (level, seed) runs `make demo DEMO_DIR=OUT/LEVEL-seedN DEMO_SEED=N` with
 ATEN_CPU_CAPABILITY=LEVEL (torch's CPU kernels at that level, so one machine rounds as other
 processors do); a folder that already holds its report is kept, so the command resumes. Then
 one Markdown row per (level, seed): the target (one process's final accuracy minus 1 point),
-each run's final accuracy against it and its time to it, and IST's speed per epoch against one
-process. Run it with the machine to itself: the times are the point.
+each run's final accuracy against it and against the run's own peak, the epoch and time at which
+it first reached it, IST's speed per epoch against one process (with and without the
+evaluations), and the machine's load average before and after. Run it with the machine to itself: the times are the point (the epochs are not
+moved by load).
 """
 
 from __future__ import annotations
@@ -42,29 +44,49 @@ def run_demo(folder: Path, seed: int, level: str) -> None:
     (folder / "report.txt").write_text(proc.stdout)
 
 
+def epoch_at(run, target: float) -> float | None:
+    """The epoch of the first evaluation at or above `target` (the machine's load cannot move it)."""
+    for epoch, acc in zip(run.evals["epoch"], run.evals["test_accuracy"]):
+        if acc >= target:
+            return float(epoch)
+    return None
+
+
 def row(folder: Path, level: str, seed: int) -> str:
-    runs = load_runs([folder / f for f in FILES])
-    rows, _ = summarise(runs)
+    runs = {Path(str(r.path)).name: r for r in load_runs([folder / f for f in FILES])}
+    rows, _ = summarise(list(runs.values()))
     by = {(r["method"], r["data_split"]): r for r in rows}
     single, full, shard = by[("single", "both")], by[("ist", "full")], by[("ist", "shard")]
     target = single["target_accuracy"]
-    kernels = {json.loads(r.attrs.get("versions", "{}")).get("cpu_capability") for r in runs}
+    kernels = {json.loads(r.attrs.get("versions", "{}")).get("cpu_capability") for r in runs.values()}
 
-    def reach(r):
-        t = r["time_to_target_s"]
-        return "never" if t is None else f"{t:.1f} s"
-
-    def sooner(r):
-        t, tb = r["time_to_target_s"], single["time_to_target_s"]
-        return "" if t is None or not tb else f" ({tb / t:.2f}x)"
+    def cell(r, name):
+        run = runs[name]
+        peak = float(max(run.evals["test_accuracy"]))
+        t, tb, e = r["time_to_target_s"], single["time_to_target_s"], epoch_at(run, target)
+        reach = (
+            "never"
+            if t is None
+            else f"epoch {e:g}, {t:.1f} s" + (f" ({tb / t:.2f}x)" if tb and r is not single else "")
+        )
+        fall = r["final_accuracy"] - peak
+        return f"{r['final_accuracy']:.2f}% ({r['final_accuracy'] - target:+.2f}; {fall:+.2f} from peak), {reach}"
 
     return (
         f"| {level} ({'/'.join(sorted(k for k in kernels if k))}) | {seed} | {target:.2f}% "
-        f"| {single['final_accuracy']:.2f}% ({single['final_accuracy'] - target:+.2f}), {reach(single)} "
-        f"| {full['final_accuracy']:.2f}% ({full['final_accuracy'] - target:+.2f}), {reach(full)}{sooner(full)} "
-        f"| {shard['final_accuracy']:.2f}% ({shard['final_accuracy'] - target:+.2f}), {reach(shard)}{sooner(shard)} "
-        f"| {full['speedup']:.2f}x, {shard['speedup']:.2f}x |"
+        f"| {cell(single, FILES[0])} | {cell(full, FILES[1])} | {cell(shard, FILES[2])} "
+        f"| {full['speedup']:.2f}x ({full['train_speedup']:.2f}x), {shard['speedup']:.2f}x ({shard['train_speedup']:.2f}x) "
+        f"| {load(folder)} |"
     )
+
+
+def load(folder: Path) -> str:
+    """The machine's 1-minute load average before and after the demo (2 cores: above 2, others ran)."""
+    path = folder / "loadavg.txt"
+    if not path.is_file():
+        return "-"
+    values = [line.split()[1] for line in path.read_text().splitlines()]
+    return " / ".join(values)
 
 
 def main() -> None:
@@ -85,11 +107,11 @@ def main() -> None:
                 run_demo(folder, seed, level)
                 print(f"done {folder}", file=sys.stderr, flush=True)
     print(
-        "| kernel level (torch's) | seed | target | one process: final (vs target), to target "
-        "| IST `full`: final (vs target), to target (x sooner) | IST `shard`: final (vs target), to target "
-        "| per epoch vs one process: `full`, `shard` |"
+        "| kernel level (torch's) | seed | target | one process: final (vs target; vs its peak), target at "
+        "| IST `full`: the same (x sooner than one process) | IST `shard`: the same "
+        "| per epoch vs one process (training alone): `full`, `shard` | load before / after |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for level in levels:
         for seed in seeds:
             folder = out / f"{level}-seed{seed}"
