@@ -125,3 +125,26 @@ def rank_pids(out):
 def torchrun(n, *args, **kw):
     """n ranks under torch.distributed, as torchrun starts them (a free port of its own: tests run side by side)."""
     return run([BIN / "torchrun", "--standalone", "--nproc-per-node", n, "--no-python", *args], **kw)
+
+
+def hist_train(*args, **env):
+    """`hist-train ARGS` in this process: the command object the console script calls, with the
+    same prog name and standalone mode (no --threads: it would set this process's threads)."""
+    from click.testing import CliRunner
+
+    from hist.cli import train
+
+    return CliRunner(env=env).invoke(train, [str(a) for a in args], prog_name="hist-train")
+
+
+def one_line_error(result, *needles):
+    """The command's outcome: exit 2 by SystemExit (an escaped exception would be a traceback),
+    exactly one error line on stderr, holding every needle."""
+    assert isinstance(result.exception, SystemExit), result.exc_info
+    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    errors = [l for l in result.stderr.splitlines() if "hist-train: error" in l]
+    assert len(errors) == 1, result.stderr
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    return errors[0]

@@ -1,20 +1,16 @@
-"""Bad input: one line on stderr naming what is wrong, a non-zero exit, no traceback, no hang."""
+"""Bad input: one line on stderr naming what is wrong, a non-zero exit, no traceback, no hang.
+
+Each decision is tested in this process, through the real `hist-train` command as its console
+script runs it (click's standalone mode, where the exit status travels in SystemExit): a
+process of its own costs seconds of Python and torch imports and decides nothing more. The
+process boundary itself keeps real tests: one process, and a job of ranks under horovodrun.
+"""
 
 import pytest
 
-from helpers import BIN, TINY_MODEL, horovodrun, options, run
+from helpers import BIN, TINY_MODEL, hist_train, horovodrun, one_line_error, options, run
 
 TINY = [*TINY_MODEL, *options(batch_size=16, synthetic_size=256, threads=1)]
-
-
-def one_line_error(proc, *needles):
-    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
-    errors = [l for l in proc.stderr.splitlines() if "hist-train: error" in l]
-    assert errors, proc.stderr
-    assert "Traceback" not in proc.stderr
-    for needle in needles:
-        assert needle in errors[0], errors[0]
-    return errors
 
 
 @pytest.mark.parametrize(
@@ -36,20 +32,16 @@ def one_line_error(proc, *needles):
     ],
 )
 def test_single_process_bad_input(args, needles, tmp_path):
-    cmd = [BIN / "hist-train", *args, "--threads", "1"]
     if "--out" not in args:
-        cmd += ["--out", tmp_path / "x.h5"]
-    one_line_error(run(cmd, check=False, timeout=120), *needles)
+        args = [*args, "--out", tmp_path / "x.h5"]
+    one_line_error(hist_train(*args), *needles)
 
 
 def test_missing_data_folder(tmp_path):
-    proc = run(
-        [BIN / "hist-train", "cifar100", "--data-dir", tmp_path / "nowhere", "--out", tmp_path / "x.h5"],
-        check=False,
-        timeout=120,
-        HIST_MIRROR="http://127.0.0.1:9",
+    result = hist_train(
+        "cifar100", "--data-dir", tmp_path / "nowhere", "--out", tmp_path / "x.h5", HIST_MIRROR="http://127.0.0.1:9"
     )  # a closed port: offline
-    one_line_error(proc, str(tmp_path / "nowhere"), "train, test", "--data-dir")
+    one_line_error(result, str(tmp_path / "nowhere"), "train, test", "--data-dir")
 
 
 def test_truncated_data_file(tmp_path, cifar_sample):
@@ -60,10 +52,21 @@ def test_truncated_data_file(tmp_path, cifar_sample):
             (folder / f.name).write_bytes(f.read_bytes())
     blob = (folder / "test_batch").read_bytes()
     (folder / "test_batch").write_bytes(blob[:5000])
-    proc = run(
-        [BIN / "hist-train", "cifar10", "--data-dir", tmp_path, "--out", tmp_path / "x.h5"], check=False, timeout=120
-    )
-    one_line_error(proc, "test_batch", "truncated")
+    one_line_error(hist_train("cifar10", "--data-dir", tmp_path, "--out", tmp_path / "x.h5"), "test_batch", "truncated")
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    result = hist_train("synthetic", "--lr", "-1", "--debug", "--out", tmp_path / "x.h5")
+    assert result.exit_code == 2 and "Traceback" in result.stderr and "--lr -1" in result.stderr
+
+
+def test_a_real_process_says_one_line_and_exits_2(tmp_path):
+    """The console script across a real process boundary: the line reaches the real stderr,
+    the exit status the shell, and no traceback is printed."""
+    proc = run([BIN / "hist-train", "synthetic", "--lr", "-0.1", "--out", tmp_path / "x.h5"], check=False, timeout=120)
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    assert proc.stderr.strip().splitlines() == ["hist-train: error: --lr -0.1 must be positive"]
+    assert "Traceback" not in proc.stderr + proc.stdout
 
 
 @pytest.mark.multiprocess
@@ -82,13 +85,6 @@ def test_bad_input_on_every_rank_ends_the_job_without_hanging(tmp_path):
     )
     assert proc.returncode != 0
     assert "multiple of --subnets" in proc.stderr and "Traceback" not in proc.stderr
-
-
-def test_debug_shows_the_traceback(tmp_path):
-    proc = run(
-        [BIN / "hist-train", "synthetic", "--lr", "-1", "--debug", "--out", tmp_path / "x.h5"], check=False, timeout=120
-    )
-    assert proc.returncode == 2 and "Traceback" in proc.stderr
 
 
 @pytest.mark.multiprocess

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import BIN, TINY_MODEL, mpirun, options, rank_pids, run, spawn
+from helpers import BIN, TINY_MODEL, hist_train, mpirun, one_line_error, options, rank_pids, run, spawn
 
 TINY = [*TINY_MODEL, *options(batch_size=16, synthetic_size=256, threads=1, local_iters=4, bn_batches=2)]
 
@@ -46,13 +46,9 @@ def test_crafted_cifar_pickle_is_refused_and_runs_nothing(tmp_path, cifar_sample
     shutil.copytree(cifar_sample / "cifar-10-batches-py", folder)
     marker = tmp_path / "pwned"
     (folder / "data_batch_3").write_bytes(pickle.dumps({b"data": CreatesFile(marker), b"labels": [1]}))
-    proc = run(
-        [BIN / "hist-train", "cifar10", "--data-dir", tmp_path, "--out", tmp_path / "x.h5", *TINY],
-        check=False,
-        timeout=120,
-    )
-    line = one_line(proc, "hist-train", "data_batch_3", "posix.system")
-    assert "not an official CIFAR file" in line
+    # in this process, through the real command (test_cli_errors.py: why): a file read here would run here
+    line = one_line_error(hist_train("cifar10", "--data-dir", tmp_path, "--out", tmp_path / "x.h5"), "data_batch_3")
+    assert "posix.system" in line and "not an official CIFAR file" in line
     assert not marker.exists()
 
 
@@ -83,6 +79,8 @@ def _resume(tmp_path, checkpoint):
 
 
 def test_crafted_checkpoint_is_refused_and_runs_nothing(tmp_path):
+    """A real `--resume` process: the checkpoint is read after the ranks connect, and its error
+    is said once by rank 0 (a CollectiveError), across the real process boundary."""
     marker, ckpt = tmp_path / "pwned", tmp_path / "evil.ckpt.pt"
     torch.save({"model": CreatesFile(marker), "round": 1, "wall_s": 0.0, "identity": {}}, ckpt)
     line = one_line(_resume(tmp_path, ckpt), "hist-train", str(ckpt), "not written by hist-train")
@@ -91,6 +89,12 @@ def test_crafted_checkpoint_is_refused_and_runs_nothing(tmp_path):
 
 @pytest.mark.parametrize("kind", ["foreign", "truncated", "not-a-checkpoint"])
 def test_foreign_or_damaged_checkpoint_gives_one_line(tmp_path, kind):
+    """The resume decision in this process (a whole --resume process per kind decides nothing
+    more; the crafted checkpoint above keeps the real one): one line, raised on every rank alike."""
+    from hist.config import Config
+    from hist.errors import CollectiveError
+    from hist.launch import Checked, load_resume_state
+
     ckpt = tmp_path / "c.ckpt.pt"
     if kind == "foreign":  # a valid torch file of someone else's
         torch.save({"state_dict": {"w": torch.zeros(3)}, "epoch": 4}, ckpt)
@@ -102,7 +106,10 @@ def test_foreign_or_damaged_checkpoint_gives_one_line(tmp_path, kind):
     else:
         ckpt.write_text("hello")
         needle = "damaged or truncated"
-    one_line(_resume(tmp_path, ckpt), "hist-train", str(ckpt), needle)
+    checked = Checked(1, tmp_path / "x.h5", ckpt, torch.device("cpu"), "local")
+    with pytest.raises(CollectiveError) as e:
+        load_resume_state(Config(resume=True), checked, {})
+    assert str(ckpt) in str(e.value) and needle in str(e.value) and "\n" not in str(e.value)
 
 
 # ---------------------------------------------------------------- numerical blow-up
