@@ -272,16 +272,20 @@ def run_hist(args, tmp: Path, layout: list[str] = ()) -> dict:
     from hist.io.timings import read_run
 
     out = tmp / "hist.h5"
-    epochs = args.rounds * args.local_iters / (50_000 // 128)
+    # One round more than measured, stopped after --rounds: the run then ends at a checkpoint,
+    # not at its final evaluation (10,000 test images at full width cost minutes on a CPU).
+    epochs = (args.rounds + 1) * args.local_iters / (50_000 // 128)
     cmd = [
         str(BIN / "horovodrun"), "-np", str(args.processes), "-H", f"localhost:{args.processes}",
         str(BIN / "hist-train"), "cifar10", "--data-dir", args.data_dir, "--method", "ist", "--data-split", "full",
         "--arch", "preact_resnet101", "--width", str(args.width), "--batch-size", "128", "--lr", "0.03",
         "--lr-scaling", "none", "--warmup-epochs", "0", "--momentum", "0.9", "--weight-decay", "5e-4",
         "--optimizer-state", "restart", "--local-iters", str(args.local_iters), "--epochs", f"{epochs:.6f}",
-        "--threads", "1", "--bn-batches", "1", "--out", str(out), *layout,
+        "--threads", "1", "--bn-batches", "1", "--stop-after-rounds", str(args.rounds), "--out", str(out), *layout,
     ]  # fmt: skip
-    subprocess.run(cmd, check=True, capture_output=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    if proc.returncode != 3:  # hist-train's exit status after a requested stop, checkpoint written
+        raise SystemExit(f"hist-train exited {proc.returncode}:\n{(proc.stdout + proc.stderr)[-3000:]}")
     r = read_run(out).rounds
     steps = r["steps"][:, None] if r["steps"].ndim == 1 else r["steps"]
     per_step = ((r["data_s"] + r["compute_s"]) / steps).max(axis=1)
