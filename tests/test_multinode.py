@@ -9,6 +9,7 @@ import subprocess
 import time
 
 import h5py
+import numpy as np
 import pytest
 import torch
 
@@ -44,22 +45,51 @@ def weights(checkpoint):
     return torch.load(checkpoint, map_location="cpu", weights_only=False)["model"]
 
 
-@pytest.mark.slow
-def test_ist_over_two_hosts_trains_what_one_host_trains(two_hosts, tmp_path):
-    """IST with 2 subnetworks of 2 ranks, each subnetwork on a host of its own (as the Slurm
-    templates lay out 2 nodes x 4 GPUs): the same losses and weights, to the last bit, as the
-    same 4 ranks on one host. Open MPI's reductions take the same order by rank on either
-    transport, so nothing is left to a tolerance."""
-    train = [BIN / "hist-train", "synthetic", *TINY_RUN, *options(method="ist", subnets=2, epochs=1)]
-    across_hosts(two_hosts, *train, "--data-split", "full", "--out", tmp_path / "hosts.h5")
-    mpirun(4, *train, "--data-split", "full", "--out", tmp_path / "one.h5")
-    losses, hosts = the_run(tmp_path / "hosts.h5")
-    one_losses, one_hosts = the_run(tmp_path / "one.h5")
-    assert hosts == ["hist-h1", "hist-h1", "hist-h2", "hist-h2"]  # the timing file names each rank's host
-    assert len(set(one_hosts)) == 1 and one_hosts[0] not in two_hosts
-    assert len(losses) > 1 and (losses == one_losses).all()
-    a, b = weights(tmp_path / "hosts.ckpt.pt"), weights(tmp_path / "one.ckpt.pt")
+# Every method under either split, short: 4 steps a rank in 2 rounds of 2 (512 images at batch 32
+# a rank: the whole set is 16 steps under full, a quarter of it 4 under shard).
+RUNS = {
+    (method, split): [*TINY_RUN, *options(method=method, data_split=split, local_iters=2, epochs=epochs)]
+    + (["--subnets", "2"] if method == "ist" else [])
+    for method in ("ist", "local-sgd", "dp")
+    for split, epochs in (("full", 0.25), ("shard", 1))
+}
+IN_TURN = ROOT / "tests" / "parallel" / "runs_in_turn.py"
+
+
+@pytest.fixture(scope="module")
+def every_method(two_hosts, tmp_path_factory):
+    """Each of RUNS on 2 hosts x 2 ranks, and on 4 ranks of this one host (shared memory): one
+    launch a side, the runs in turn (a launch of 4 ranks costs ~10 s of startup on 2 cores, a
+    run ~2 s; a run in turn equals the same run launched alone, docs/cluster.md)."""
+    folder, words, paths = tmp_path_factory.mktemp("methods"), [], {}
+    for (method, split), args in RUNS.items():
+        name = f"{method}-{split}"
+        words += ["synthetic", *args, "--log-every", "0", "--out", folder / f"{name}.{{}}.h5", "--"]
+        paths[method, split] = (folder / f"{name}.hosts.h5", folder / f"{name}.one.h5")
+    across_hosts(two_hosts, BIN / "python", IN_TURN, *(str(w).format("hosts") for w in words))
+    mpirun(4, BIN / "python", IN_TURN, *(str(w).format("one") for w in words))
+    return paths
+
+
+def assert_same_run(path, one_path, hosts):
+    """The same round losses and final weights, to the last bit, and each rank's host recorded."""
+    (losses, seen), (one_losses, one_seen) = the_run(path), the_run(one_path)
+    assert seen == [hosts[0], hosts[0], hosts[1], hosts[1]]  # the timing file names each rank's host
+    assert len(set(one_seen)) == 1 and one_seen[0] not in hosts
+    assert len(losses) > 1 and np.array_equal(losses, one_losses), (losses, one_losses)
+    a, b = weights(path.with_suffix(".ckpt.pt")), weights(one_path.with_suffix(".ckpt.pt"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method, split", sorted(RUNS))
+def test_each_method_over_two_hosts_trains_what_one_host_trains(every_method, two_hosts, method, split):
+    """2 ranks on each host: IST with 2 subnetworks of 2 ranks, each subnetwork on a host of its
+    own (as the Slurm templates lay out 2 nodes x 4 GPUs), local SGD and dp, under either data
+    split: the same losses and weights, to the last bit, as the same 4 ranks on one host. Open
+    MPI's reductions take the same order by rank on either transport (its algorithm is chosen by
+    the communicator's size and the message's, not by the link), so nothing is left to a tolerance."""
+    assert_same_run(*every_method[method, split], two_hosts)
 
 
 def test_hosts_sh_is_idempotent_and_names_each_host(two_hosts):
