@@ -6,11 +6,22 @@ import sys
 
 import h5py
 import pytest
+from click.testing import CliRunner
 
 from hist.analysis.report import load_runs, merge, summarise
+from hist.cli import report
 from hist.io.timings import SCHEMA_VERSION, TimingWriter, read_run
 
 BIN = __import__("pathlib").Path(sys.executable).parent
+
+
+def hist_report(*args):
+    """`hist-report ARGS` in this process, as its console script runs it (click's standalone mode,
+    the exit status in SystemExit): a process per call costs seconds of imports and tests nothing
+    more; test_hardening keeps real hist-report processes (a fuzz of damaged files, one bad file)."""
+    result = CliRunner().invoke(report, [str(a) for a in args], prog_name="hist-report")
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exc_info
+    return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
 
 
 def write_run(
@@ -79,7 +90,7 @@ def test_missing_baseline_is_said(tmp_path):
 
 def test_cli_prints_table_json_and_writes_valid_figures(runs_dir):
     out = runs_dir / "figs"
-    proc = subprocess.run([BIN / "hist-report", runs_dir, "-o", out], capture_output=True, text=True)
+    proc = hist_report(runs_dir, "-o", out)
     assert proc.returncode == 0, proc.stderr
     assert "speedup" in proc.stdout and "ist" in proc.stdout
     assert "projection" in proc.stdout and "check ist np2: measured 4.00x" in proc.stdout
@@ -87,11 +98,7 @@ def test_cli_prints_table_json_and_writes_valid_figures(runs_dir):
         png = (out / f"{name}.png").read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
         assert (out / f"{name}.svg").read_text().lstrip().startswith("<?xml")
-    proc = subprocess.run(
-        [BIN / "hist-report", runs_dir / "ist2.h5", runs_dir / "single.h5", "--format", "json", "--no-figures"],
-        capture_output=True,
-        text=True,
-    )
+    proc = hist_report(runs_dir / "ist2.h5", runs_dir / "single.h5", "--format", "json", "--no-figures")
     rows = json.loads(proc.stdout)
     assert {r["method"] for r in rows} == {"ist", "single"}
     assert {
@@ -145,7 +152,7 @@ def test_bad_inputs_give_one_line(tmp_path, case):
     elif case == "empty_dir":
         target = tmp_path / "empty"
         target.mkdir()
-    proc = subprocess.run([BIN / "hist-report", target], capture_output=True, text=True)
+    proc = hist_report(target)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("hist-report: error") and str(target) in lines[0]
@@ -175,9 +182,7 @@ def test_paper_table_has_a_row_per_method_and_a_column_per_process_count(runs_di
     ist_line = lines[3]
     assert "78.00% ± 2.83 (n=2)" in ist_line and "4.00x single" in ist_line and "1.50x local SGD" in ist_line
     assert "0.00 MB/round" in ist_line and "target at 4 s" in ist_line
-    proc = subprocess.run(
-        [BIN / "hist-report", runs_dir, "--format", "paper", "--no-figures"], capture_output=True, text=True
-    )
+    proc = hist_report(runs_dir, "--format", "paper", "--no-figures")
     assert proc.returncode == 0 and proc.stdout.startswith("| method |"), proc.stderr
 
 
@@ -226,9 +231,7 @@ def test_files_from_before_the_option_read_as_sharded(runs_dir):
 
 
 def test_epoch_table_gives_each_runs_accuracy_per_evaluation(runs_dir):
-    proc = subprocess.run(
-        [BIN / "hist-report", runs_dir, "--format", "epochs", "--no-figures"], capture_output=True, text=True
-    )
+    proc = hist_report(runs_dir, "--format", "epochs", "--no-figures")
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0] == "| run | 1 | 2 |"  # write_run evaluates after epochs 1.0 and 2.0
@@ -317,7 +320,7 @@ def test_the_claim_is_said_in_words_for_each_protocol(tmp_path):
     assert shard.endswith("It never reached the target 79.00%; one process reached it at epoch 2 (16.0 s).")
     table = format_table(rows, notes).splitlines()
     assert "vs 1p" in table[0] and any(" -1.50 " in line and " shard " in line for line in table)
-    proc = subprocess.run([BIN / "hist-report", tmp_path, "--no-figures"], capture_output=True, text=True)
+    proc = hist_report(tmp_path, "--no-figures")
     assert proc.returncode == 0 and proc.stdout.rstrip().splitlines()[-1] == shard, proc.stderr
 
 
