@@ -359,9 +359,15 @@ def report(paths, output, fmt, oversubscribed_above, target_accuracy, merge, no_
     help="Folder with cifar-10-batches-py for the accuracy runs [default: $HIST_DATA].",
 )
 @click.option("--skip-runs", is_flag=True, help="Only the in-process measurements (no hist-train runs).")
+@click.option(
+    "--backend",
+    default="auto",
+    type=click.Choice(choices.BACKENDS),
+    help="Engine of the hist-train runs (horovod under horovodrun, torch under torchrun; auto: Horovod where it imports).",
+)
 @click.pass_context
 @user_errors("hist-bench")
-def bench(ctx, as_json, quick, width, run_width, batch_size, device, data_dir, skip_runs):
+def bench(ctx, as_json, quick, width, run_width, batch_size, device, data_dir, skip_runs, backend):
     """Measure step-time ratios, bytes per round, speedup, sync share, pipeline and accuracy.
 
     `hist-bench accuracy` runs the accuracy suite instead."""
@@ -378,6 +384,7 @@ def bench(ctx, as_json, quick, width, run_width, batch_size, device, data_dir, s
         device=resolve_device(device, 0),
         data_dir=data_dir,
         skip_runs=skip_runs,
+        backend=backend,
     )
     click.echo(json.dumps(results, indent=2) if as_json else b.format_table(results))
 
@@ -432,6 +439,33 @@ def steps_bench(widths, batch_size, pairs, device, as_json):
         raise HistError(f"--widths {widths!r}: give channel multipliers as comma-separated numbers, e.g. 0.0625,0.25")
     r = b.bare_steps(chosen, batch_size, pairs, resolve_device(device, 0), b.can_launch())
     click.echo(json.dumps(r, indent=2) if as_json else b.format_bare_steps(r))
+
+
+@bench.command("engines", context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
+@click.option("--methods", default="ist,dp", help="Methods to run at 2 processes, comma-separated.")
+@click.option("--repeats", default=3, help="Runs of each method under each engine, alternating.")
+@click.option("--width", default=0.0625, help="Channel multiplier of the ResNet-101.")
+@click.option("--batch-size", default=32)
+@click.option("--local-iters", default=10)
+@click.option("--synthetic-size", default=2560, help="Training images: one epoch per run.")
+@click.option("--device", default="auto", type=click.Choice(choices.DEVICES))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@user_errors("hist-bench")
+def engines_bench(methods, repeats, width, batch_size, local_iters, synthetic_size, device, as_json):
+    """Seconds per epoch and round synchronisation of each method at 2 processes under Horovod + MPI
+    (horovodrun) and under torch.distributed (torchrun), side by side in one run."""
+    from .analysis import bench as b
+    from .launch import resolve_device
+
+    chosen = [m.strip() for m in methods.split(",") if m.strip()]
+    wrong = [m for m in chosen if m not in choices.METHODS]
+    if wrong or not chosen:
+        raise HistError(f"--methods {methods!r}: give some of {', '.join(choices.METHODS)}, comma-separated")
+    missing = [e for e in b.ENGINES if not b.can_launch(e)]
+    if missing:
+        raise HistError(f"hist-bench engines: no launcher for {', '.join(missing)} in this Python's bin folder")
+    r = b.engines(chosen, repeats, width, batch_size, local_iters, synthetic_size, resolve_device(device, 0).type)
+    click.echo(json.dumps(r, indent=2) if as_json else b.format_engines(r))
 
 
 def _int_list(least: int):

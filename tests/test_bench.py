@@ -84,3 +84,32 @@ def test_a_run_two_phases_need_is_trained_once(tmp_path):
     assert (again.rounds["loss"] == first.rounds["loss"]).all()
     _train([*args, "--seed", "1"], 1, tmp_path, _env())  # other options: a run of its own
     assert len(list(tmp_path.glob("run-np1-*.h5"))) == 2
+
+
+@pytest.mark.multiprocess
+def test_the_engines_bench_runs_each_method_under_both_launchers():
+    """`hist-bench engines` trains under horovodrun and under torchrun (real runs, tiny) and
+    reports both engines' figures and their ratio."""
+    proc = run(
+        [BIN / "hist-bench", "engines", "--methods", "ist", "--repeats", "1", "--synthetic-size", "128",
+         "--batch-size", "16", "--local-iters", "2", "--json"]
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(proc.stdout)["ist"]
+    for engine in ("horovod", "torch"):
+        assert r["seconds_per_epoch"][engine] > 0 and r["sync_s_per_round"][engine] > 0
+    assert r["seconds_per_epoch_torch_over_horovod"] == pytest.approx(
+        r["seconds_per_epoch"]["torch"] / r["seconds_per_epoch"]["horovod"]
+    )
+
+
+def test_the_engines_bench_refuses_an_unknown_method_in_one_line():
+    from click.testing import CliRunner
+
+    from hist.cli import bench
+
+    result = CliRunner().invoke(bench, ["engines", "--methods", "ist,fedavg"])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        "hist-bench: error: --methods 'ist,fedavg': give some of ist, local-sgd, dp, comma-separated"
+    ]

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .. import data as datasets
-from ..choices import PRECISIONS, SINGLE
+from ..choices import BACKENDS, PRECISIONS, SINGLE
 from ..comm import connect, horovod_version, ring_allreduce_bytes, round_bytes
 from ..engine.precision import Precision, precision_supported
 from ..io.timings import read_run
@@ -31,6 +31,9 @@ from ..models import build_model, conv_flops, make_plan, shared_and_partitioned
 from ..world import cpu_description
 from .steps import measure as bare_step
 from .suite import on_local_ranks
+
+# The engines `hist-bench engines` compares, each under its own launcher (`suite.on_local_ranks`).
+ENGINES = tuple(b for b in BACKENDS if b != "auto")
 
 # ResIST paper, ResNet-101 on CIFAR-100, GB per round, all machines (Table in Dun et al., 2022).
 PUBLISHED_GB = {"ist": {"2": 0.454, "4": 0.720, "8": 1.289}, "local-sgd": {"2": 0.662, "4": 1.325, "8": 2.649}}
@@ -204,16 +207,17 @@ def _bin(name: str) -> str:
     return str(Path(sys.executable).parent / name)
 
 
-def _train(args: list[str], np_: int, tmp: Path, env: dict, device: str = "cpu"):
-    """One hist-train run on `device`, read back; several ranks on one machine share its GPU on
-    purpose. A run with the same options and ranks is trained once per benchmark (`tmp`): two
-    phases that need the same run (the quick bench's IST epoch and its overlapping sync) share it."""
-    key = hashlib.sha1(repr((args, np_, device)).encode()).hexdigest()[:12]
+def _train(args: list[str], np_: int, tmp: Path, env: dict, device: str = "cpu", backend: str = "auto"):
+    """One hist-train run on `device` under `backend`'s launcher, read back; several ranks on one
+    machine share its GPU on purpose. A run with the same options and ranks is trained once per
+    benchmark (`tmp`): two phases that need the same run (the quick bench's IST epoch and its
+    overlapping sync) share it."""
+    key = hashlib.sha1(repr((args, np_, device, backend)).encode()).hexdigest()[:12]
     out = tmp / f"run-np{np_}-{key}.h5"
     if not out.exists():
-        cmd = [_bin("hist-train"), *args, "--device", device, "--out", str(out)]
+        cmd = [_bin("hist-train"), *args, "--device", device, "--backend", backend, "--out", str(out)]
         if np_ > 1:
-            cmd = on_local_ranks(np_, [*cmd, "--share-gpus"])
+            cmd = on_local_ranks(np_, [*cmd, "--share-gpus"], backend)
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode:
             out.unlink(missing_ok=True)
@@ -250,15 +254,23 @@ def _synthetic_epoch(width: float, batch: int, local_iters: int, synthetic_size:
     ]
 
 
-def end_to_end(width: float, batch: int, local_iters: int, synthetic_size: int, tmp: Path, device: str = "cpu") -> dict:
+def end_to_end(
+    width: float,
+    batch: int,
+    local_iters: int,
+    synthetic_size: int,
+    tmp: Path,
+    device: str = "cpu",
+    backend: str = "auto",
+) -> dict:
     """Wall time per epoch: one full-model process against 2-process ist, local-sgd and dp."""
     common = _synthetic_epoch(width, batch, local_iters, synthetic_size)
     env = _env()
-    single = _train(common, 1, tmp, env, device)
+    single = _train(common, 1, tmp, env, device, backend)
     base = single.rounds["wall_s"][-1] / single.rounds["epoch"][-1]
     out = {"seconds_per_epoch": {SINGLE: float(base)}, "speedup_np2": {}, "sync_share": None}
     for method in ("ist", "local-sgd", "dp"):
-        run = _train(common + ["--method", method], 2, tmp, env, device)
+        run = _train(common + ["--method", method], 2, tmp, env, device, backend)
         per_epoch = float(run.rounds["wall_s"][-1] / run.rounds["epoch"][-1])
         out["seconds_per_epoch"][method] = per_epoch
         out["speedup_np2"][method] = base / per_epoch
@@ -274,20 +286,26 @@ def end_to_end(width: float, batch: int, local_iters: int, synthetic_size: int, 
 
 
 def sync_overlap(
-    width: float, batch: int, local_iters: int, synthetic_size: int, tmp: Path, device: str = "cpu"
+    width: float,
+    batch: int,
+    local_iters: int,
+    synthetic_size: int,
+    tmp: Path,
+    device: str = "cpu",
+    backend: str = "auto",
 ) -> dict:
     """A round's sync time of 2-process IST with the block transfers overlapping the shared
     allreduce and without (real hist-train runs; steady rounds, the last one left out)."""
     common = _synthetic_epoch(width, batch, local_iters, synthetic_size)
     out = {}
     for name, flags in (("no-overlap", ["--no-overlap"]), ("overlap", [])):  # overlap: hist-train's default
-        r = _train(common + ["--method", "ist", *flags], 2, tmp, _env(), device).rounds
+        r = _train(common + ["--method", "ist", *flags], 2, tmp, _env(), device, backend).rounds
         steady = slice(0, max(1, len(r["sync_s"]) - 1))
         out[name] = float(r["sync_s"][steady].max(axis=1).mean())
     return {"sync_s_per_round": out, "rounds": int(len(r["sync_s"]))}
 
 
-def accuracy(data_dir, epochs: float, tmp: Path, device: str = "cpu") -> dict:
+def accuracy(data_dir, epochs: float, tmp: Path, device: str = "cpu", backend: str = "auto") -> dict:
     """Final test accuracy of one full-model process and of IST with 2 and 4 subnetworks."""
     data_dir = data_dir or os.environ.get("HIST_DATA")
     dataset = "cifar10" if data_dir and (Path(data_dir) / "cifar-10-batches-py").is_dir() else "synthetic"
@@ -313,8 +331,67 @@ def accuracy(data_dir, epochs: float, tmp: Path, device: str = "cpu") -> dict:
     env = _env()
     out = {"dataset": dataset}
     for key, np_ in ((SINGLE, 1), ("ist_s2", 2), ("ist_s4", 4)):
-        out[key] = float(_train(common, np_, tmp, env, device).evals["test_accuracy"][-1])
+        out[key] = float(_train(common, np_, tmp, env, device, backend).evals["test_accuracy"][-1])
     return out
+
+
+def _steady(values) -> np.ndarray:
+    """The rounds before the last (which sends every block for the final evaluation)."""
+    return values[: max(1, len(values) - 1)]
+
+
+def engines(
+    methods: list[str], repeats: int, width: float, batch: int, local_iters: int, synthetic_size: int, device: str
+) -> dict:
+    """Seconds per epoch and a round's synchronisation (slowest rank, steady rounds) of each
+    method at 2 processes under Horovod + MPI and under torch.distributed, in one benchmark:
+    the runs alternate, each engine first in turn, so slow drifts of the machine fall on both."""
+    common = _synthetic_epoch(width, batch, local_iters, synthetic_size)
+    runs = {(m, e): [] for m in methods for e in ENGINES}
+    for i in range(repeats):
+        order = ENGINES if i % 2 == 0 else ENGINES[::-1]
+        with tempfile.TemporaryDirectory() as tmp:
+            for method in methods:
+                for engine in order:
+                    r = _train(common + ["--method", method], 2, Path(tmp), _env(), device, engine).rounds
+                    runs[(method, engine)].append(
+                        {
+                            "seconds_per_epoch": float(r["wall_s"][-1] / r["epoch"][-1]),
+                            "sync_s_per_round": float(_steady(r["sync_s"].max(axis=1)).mean()),
+                        }
+                    )
+    out: dict = {"settings": {"methods": methods, "repeats": repeats, "width": width, "batch_size": batch,
+                              "local_iters": local_iters, "synthetic_size": synthetic_size, "device": device}}  # fmt: skip
+    for method in methods:
+        row = {}
+        for engine in ENGINES:
+            for key in ("seconds_per_epoch", "sync_s_per_round"):
+                row.setdefault(key, {})[engine] = float(np.median([x[key] for x in runs[(method, engine)]]))
+                row.setdefault(f"{key}_runs", {})[engine] = [x[key] for x in runs[(method, engine)]]
+        for key in ("seconds_per_epoch", "sync_s_per_round"):
+            row[f"{key}_torch_over_horovod"] = row[key]["torch"] / row[key]["horovod"]
+        out[method] = row
+    out["machine"] = machine()
+    out["command"] = " ".join(["hist-bench"] + sys.argv[1:])
+    return out
+
+
+def format_engines(r: dict) -> str:
+    lines = [
+        "method  engine   s/epoch  round sync s   (medians of "
+        f"{r['settings']['repeats']} runs each, 2 processes, width {r['settings']['width']})"
+    ]
+    for method in r["settings"]["methods"]:
+        row = r[method]
+        for engine in ENGINES:
+            lines.append(
+                f"{method:7s} {engine:8s} {row['seconds_per_epoch'][engine]:7.3f}  {row['sync_s_per_round'][engine]:12.4f}"
+            )
+        lines.append(
+            f"{method:7s} torch / horovod: {row['seconds_per_epoch_torch_over_horovod']:.2f}x per epoch, "
+            f"{row['sync_s_per_round_torch_over_horovod']:.2f}x round sync"
+        )
+    return "\n".join(lines)
 
 
 def bare_steps(widths, batch: int, pairs: int, device, launch: bool) -> dict:
@@ -338,9 +415,9 @@ def bare_steps(widths, batch: int, pairs: int, device, launch: bool) -> dict:
     return out
 
 
-def can_launch() -> bool:
-    """Whether this Python has horovodrun, for the multi-process figures."""
-    return shutil.which(_bin("horovodrun")) is not None
+def can_launch(backend: str = "horovod") -> bool:
+    """Whether this Python has the launcher of `backend`, for the multi-process figures."""
+    return shutil.which(_bin("torchrun" if backend == "torch" else "horovodrun")) is not None
 
 
 def format_bare_steps(b: dict) -> str:
@@ -369,7 +446,14 @@ def machine() -> dict:
 
 
 def run(
-    quick: bool, width: float, batch_size: int, device, data_dir=None, skip_runs: bool = False, run_width: float = 0.125
+    quick: bool,
+    width: float,
+    batch_size: int,
+    device,
+    data_dir=None,
+    skip_runs: bool = False,
+    run_width: float = 0.125,
+    backend: str = "auto",
 ) -> dict:
     torch.set_num_threads(1)
     steps, warmup = (2, 1) if quick else (8, 3)
@@ -390,9 +474,15 @@ def run(
         "bytes_per_round": bytes_per_round(),
         "published_gb_per_round": PUBLISHED_GB,
     }
-    launch = not skip_runs and can_launch()
+    launch = not skip_runs and can_launch(backend)
     result["bare_step_ratio"] = timed(
-        "bare_step", bare_steps, (0.0625,) if quick else (0.0625, 0.25), batch_size, 3 if quick else 10, device, launch
+        "bare_step",
+        bare_steps,
+        (0.0625,) if quick else (0.0625, 0.25),
+        batch_size,
+        3 if quick else 10,
+        device,
+        launch and can_launch(),  # its IST figure runs `python -m hist.analysis.steps` under horovodrun
     )
     result["precision_layout"] = timed("precision_layout", precision_layout, width, batch_size, device, steps, warmup)
     pipe = timed("pipeline", pipeline_ratio, width, batch_size, device, steps, warmup)
@@ -409,6 +499,7 @@ def run(
                 256 if quick else 50 * batch_size * 4,
                 Path(tmp),
                 device.type,
+                backend,
             )
             result.update(e2e)
             result["overlap"] = timed(
@@ -420,14 +511,18 @@ def run(
                 256 if quick else 10 * batch_size * 2 * 12,
                 Path(tmp),
                 device.type,
+                backend,
             )
-            result["accuracy"] = timed("accuracy", accuracy, data_dir, 0.2 if quick else 3, Path(tmp), device.type)
+            result["accuracy"] = timed(
+                "accuracy", accuracy, data_dir, 0.2 if quick else 3, Path(tmp), device.type, backend
+            )
     result["settings"] = {
         "width": width,
         "run_width": run_width,
         "batch_size": batch_size,
         "device": str(device),
         "quick": quick,
+        "backend": backend,
         "threads_per_process": 1,
     }
     result["machine"] = machine()
