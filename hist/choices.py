@@ -14,7 +14,11 @@ OPTIMIZER_STATES = ("average", "restart")
 # auto: linear under --data-split shard (N ranks take a round's N x batch between averages),
 # none under full (every rank already takes the one-process run's steps at its batch)
 LR_SCALINGS = ("auto", "linear", "none")
-SHARED_PRECISIONS = ("fp32", "fp16")
+# what travels when the shared parameters (local SGD: the whole model) are averaged: fp32 and
+# fp16 by allreduce, int8 and int4 packed with error feedback (hist.comm.quantized)
+SHARED_PRECISIONS = ("fp32", "fp16", "int8", "int4")
+# IST blocks delivered to their next subnetwork: fp32, or fp16/int8 against the last full sync
+BLOCK_PRECISIONS = ("fp32", "fp16", "int8")
 PRECISIONS = ("fp32", "bf16", "fp16")
 BLOCK_TRANSPORTS = ("auto", "host", "device")
 DEVICES = ("auto", "cpu", "cuda")

@@ -124,7 +124,22 @@ def _apply_preset(ctx: click.Context, param, name):
     "--shared-precision",
     default=Config.shared_precision,
     type=click.Choice(choices.SHARED_PRECISIONS),
-    help="IST: average the shared parameters' change per round in fp16 (half the bytes).",
+    help="ist/local-sgd: what the round's average of the shared parameters (local-sgd: the whole model) and "
+    "their momentum sends: fp32 weights, the fp16 change, or the change packed in int8/int4 with error feedback.",
+)
+@click.option(
+    "--shared-topk",
+    default=Config.shared_topk,
+    type=float,
+    help="ist/local-sgd: send only this fraction of the round's change, the largest of each chunk of 256, "
+    "with error feedback (0 = all).",
+)
+@click.option(
+    "--block-precision",
+    default=Config.block_precision,
+    type=click.Choice(choices.BLOCK_PRECISIONS),
+    help="ist: deliver blocks as their change since the last full synchronisation in fp16 or int8 "
+    "(sender and receivers keep the decoded bits).",
 )
 @click.option(
     "--optimizer-state",

@@ -9,6 +9,7 @@ from .choices import (
     AGGREGATES,
     BACKENDS,
     BALANCES,
+    BLOCK_PRECISIONS,
     BLOCK_TRANSPORTS,
     DATA_SPLITS,
     DEVICES,
@@ -54,9 +55,9 @@ class Config:
     min_depth: int = 0  # least partitioned blocks per subnetwork (extra blocks are shared and averaged)
     balance: str = "none"  # ist: none (even block counts) | speed (counts follow each subnetwork's measured step speed, so a slower worker gets fewer blocks)
     aggregate: str = "copy"  # copy (the owner's values) | average (mean over subnetworks that trained it)
-    shared_precision: str = (
-        "fp32"  # fp32 | fp16: IST averages the shared parameters' change per round in fp16 (half the bytes)
-    )
+    shared_precision: str = "fp32"  # fp32 | fp16 | int8 | int4: how ist's shared parameters (local-sgd: the whole model) and their momentum are averaged: fp32 weights or the round's fp16 change by allreduce; int8/int4 change packed with per-chunk scales and error feedback (hist.comm.quantized)
+    shared_topk: float = 0.0  # ist/local-sgd: send only this fraction of the round's change (the largest of each chunk of 256, with error feedback; 0 = all)
+    block_precision: str = "fp32"  # ist: fp32 | fp16 | int8: blocks delivered as their change since the last full synchronisation, which every rank holds (sender and receivers keep the decoded bits)
     optimizer_state: str = "average"  # ist/local-sgd: average (momentum aggregated with the weights) | restart (zeroed every round, as the reference)
     outer_lr: float = (
         1.0  # ist/local-sgd: outer step on the round's aggregated change (DiLoCo: 0.7; 1 = plain aggregation)
@@ -129,6 +130,7 @@ class Config:
             _one_of("--aggregate", self.aggregate, AGGREGATES),
             _one_of("--schedule", self.schedule, SCHEDULES),
             _one_of("--shared-precision", self.shared_precision, SHARED_PRECISIONS),
+            _one_of("--block-precision", self.block_precision, BLOCK_PRECISIONS),
             _one_of("--optimizer-state", self.optimizer_state, OPTIMIZER_STATES),
             _one_of("--lr-scaling", self.lr_scaling, LR_SCALINGS),
             _one_of("--stop-signal", self.stop_signal, STOP_SIGNALS),
@@ -145,6 +147,20 @@ class Config:
                 self.balance == "none" or self.method == "ist",
                 f"--balance {self.balance} moves IST's blocks; --method {self.method} trains the full model "
                 f"on every rank: use --method ist or leave --balance at none",
+            ),
+            (
+                0 <= self.shared_topk < 1,
+                f"--shared-topk {self.shared_topk} must be a fraction in [0, 1) (0 sends every value)",
+            ),
+            (
+                self.method != "dp" or (self.shared_precision, self.shared_topk) == ("fp32", 0),
+                "--shared-precision and --shared-topk shape ist's and local-sgd's round averages; --method dp "
+                "averages gradients every step: use --method ist or local-sgd, or leave them at fp32 and 0",
+            ),
+            (
+                self.block_precision == "fp32" or (self.method == "ist" and self.aggregate == "copy"),
+                f"--block-precision {self.block_precision} delivers IST blocks from their one owner: it needs "
+                f"--method ist and --aggregate copy (this run: --method {self.method} --aggregate {self.aggregate})",
             ),
             (self.qsr_alpha > 0, f"--qsr-alpha {self.qsr_alpha} must be positive"),
             (self.lr > 0, f"--lr {self.lr} must be positive"),

@@ -7,6 +7,7 @@ import torch
 
 from .interface import Sync, Waitable
 from .local import LocalSynchroniser
+from .quantized import Codec, CompressedAverage
 from .synchroniser import (
     Pending,
     Synchroniser,
@@ -39,6 +40,8 @@ def connect(subnets: int, world_size: int, engine: str = "horovod", **options) -
 
 __all__ = [
     "BlockOp",
+    "Codec",
+    "CompressedAverage",
     "LocalSynchroniser",
     "Pending",
     "Sync",

@@ -20,6 +20,7 @@ import torch
 from ..errors import CollectiveError, HistError
 from ..models.plan import Plan
 from ..world import gpu_slot, world_info_from_env
+from .quantized import delivery_nbytes, pack_delivery, unpack_delivery
 from .traffic import Traffic, schedule_blocks
 
 
@@ -261,6 +262,25 @@ class Synchroniser:
 
         return Pending(lambda: self.hvd.synchronize(handle), apply)
 
+    def alltoall_bytes(self, buf: torch.Tensor) -> torch.Tensor:
+        """Rank j receives the j-th of `size` equal parts of every rank's byte buffer, in rank
+        order (packed compressed changes: `quantized.CompressedAverage`)."""
+        send = buf.cpu().numpy()
+        out = np.empty_like(send)
+        # MPI: one all-to-all of raw bytes over the world.
+        self.world.Alltoall([send, self.MPI.BYTE], [out, self.MPI.BYTE])
+        self.traffic.exchange(buf.numel() // self.size, self.size)
+        return torch.from_numpy(out).to(buf.device)
+
+    def allgather_bytes(self, buf: torch.Tensor) -> torch.Tensor:
+        """Every rank's byte buffer (all the same size), concatenated in rank order."""
+        send = buf.cpu().numpy()
+        out = np.empty(self.size * send.size, dtype=np.uint8)
+        # MPI: one allgather of raw bytes over the world.
+        self.world.Allgather([send, self.MPI.BYTE], [out, self.MPI.BYTE])
+        self.traffic.exchange(buf.numel(), self.size)
+        return torch.from_numpy(out).to(buf.device)
+
     def sum_over_world(self, values) -> np.ndarray:
         """Sum a few floats over all ranks (evaluation counts, stop flags)."""
         t = torch.tensor(values, dtype=torch.float64)
@@ -303,6 +323,8 @@ class Synchroniser:
         aggregate: str,
         kinds: tuple[str, ...] = ("allreduce", "bcast"),
         nonblocking: bool = False,
+        precision: str = "fp32",
+        references: list[list[torch.Tensor]] | None = None,
     ) -> Pending:
         """Move each block's aggregate to the ranks that train it in `next_plan` (all if None).
 
@@ -311,7 +333,8 @@ class Synchroniser:
         ("allreduce") or only the delivery ("bcast"), so that a step can sit between them.
         `nonblocking` starts MPI's non-blocking collectives and returns them in flight (every
         rank issues its operations in the one schedule order, so they cannot cross); otherwise
-        they complete before this returns.
+        they complete before this returns. `precision` fp16 or int8 delivers each block as its
+        packed change since `references[b]`, which every rank holds (`quantized.pack_delivery`).
         """
         mine = [
             op
@@ -321,7 +344,11 @@ class Synchroniser:
         # A block averaged among its holders is delivered from that average: the averages
         # complete (and land in the tensors) before any delivery is staged.
         self._start_block_ops([op for op in mine if op.kind == "allreduce"], block_params).wait()
-        pending = self._start_block_ops([op for op in mine if op.kind == "bcast"], block_params)
+        bcasts = [op for op in mine if op.kind == "bcast"]
+        if precision != "fp32":
+            pending = self._start_packed_bcasts(bcasts, block_params, precision, references)
+        else:
+            pending = self._start_block_ops(bcasts, block_params)
         if not nonblocking:
             pending.wait()
         return pending
@@ -365,6 +392,30 @@ class Synchroniser:
                 if k > 1:
                     buf /= k
                 _unflatten_into(buf.to(tensors[0].device, non_blocking=True), tensors)
+
+        return Pending(complete)
+
+    def _start_packed_bcasts(self, ops, block_params, precision, references) -> Pending:
+        """Deliveries of packed changes: the root packs (and keeps what it sent), the others
+        unpack against the same references when the bytes are in."""
+        requests, finish = [], []
+        for op in ops:
+            tensors = [p for b in op.blocks for p in block_params[b]]
+            refs = [t for b in op.blocks for t in references[b]]
+            if self.rank == op.root:
+                buf = pack_delivery(tensors, refs, precision)
+            else:
+                buf = torch.empty(delivery_nbytes(sum(t.numel() for t in tensors), precision), dtype=torch.uint8)
+                finish.append((buf, tensors, refs))
+            buf = buf.cpu()
+            # MPI: non-blocking broadcast of the packed bytes from the block's owner.
+            requests.append(self._comm(op.ranks).Ibcast(buf.numpy(), root=op.ranks.index(op.root)))
+            self.traffic.broadcast(buf.numel(), len(op.ranks), self.rank == op.root)
+
+        def complete():
+            self.MPI.Request.Waitall(requests)
+            for buf, tensors, refs in finish:
+                unpack_delivery(buf, tensors, refs, precision)
 
         return Pending(complete)
 

@@ -25,9 +25,12 @@ import torch.distributed as dist
 from ..errors import HistError
 from ..models.plan import Plan
 from ..world import gpu_slot, torch_rendezvous, world_info_from_env
+from .quantized import delivery_nbytes, pack_delivery, unpack_delivery
 from .synchroniser import Pending, _unflatten_into
 from .traffic import Traffic, schedule_blocks
 
+# Into one tensor (renamed in torch 2.10; the old name warns there).
+ALL_GATHER_SINGLE = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 # A rank that dies or stops answering ends the others' collectives within this time.
 TIMEOUT = timedelta(seconds=60)
 
@@ -139,10 +142,12 @@ class TorchSynchroniser:
             # NCCL: eager initialisation on this rank's GPU (subgroups split from it), and
             # asynchronous error handling so a dead peer ends this rank instead of hanging it.
             os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
-            dist.init_process_group("nccl", timeout=TIMEOUT, device_id=self.device)
+            if not dist.is_initialized():  # a script of its own (hist.IST) may have started it
+                dist.init_process_group("nccl", timeout=TIMEOUT, device_id=self.device)
             self.block_transport = "device"
         else:
-            dist.init_process_group("gloo", timeout=TIMEOUT)
+            if not dist.is_initialized():
+                dist.init_process_group("gloo", timeout=TIMEOUT)
             self.block_transport = "host"
         if dist.get_world_size() != self.size:
             raise HistError(
@@ -223,6 +228,23 @@ class TorchSynchroniser:
 
         return Pending(apply)
 
+    def alltoall_bytes(self, buf: torch.Tensor) -> torch.Tensor:
+        """Rank j receives the j-th of `size` equal parts of every rank's byte buffer, in rank
+        order (packed compressed changes: `quantized.CompressedAverage`)."""
+        send = self._on_comm(buf.contiguous())
+        out = torch.empty_like(send)
+        dist.all_to_all_single(out, send)
+        self.traffic.exchange(buf.numel() // self.size, self.size)
+        return out.to(buf.device)
+
+    def allgather_bytes(self, buf: torch.Tensor) -> torch.Tensor:
+        """Every rank's byte buffer (all the same size), concatenated in rank order."""
+        send = self._on_comm(buf.contiguous())
+        out = send.new_empty(self.size * send.numel())
+        ALL_GATHER_SINGLE(out, send)
+        self.traffic.exchange(buf.numel(), self.size)
+        return out.to(buf.device)
+
     def sum_over_world(self, values) -> np.ndarray:
         """Sum a few floats over all ranks (evaluation counts, stop flags)."""
         t = self._on_comm(torch.tensor(values, dtype=torch.float64))
@@ -247,6 +269,8 @@ class TorchSynchroniser:
         aggregate: str,
         kinds: tuple[str, ...] = ("allreduce", "bcast"),
         nonblocking: bool = False,
+        precision: str = "fp32",
+        references: list[list[torch.Tensor]] | None = None,
     ) -> Pending:
         """Move each block's aggregate to the ranks that train it in `next_plan` (all if None);
         the arguments mean what they mean to `Synchroniser.sync_blocks`. Each message carries
@@ -255,7 +279,7 @@ class TorchSynchroniser:
         mine = [(tag, op) for tag, op in enumerate(schedule) if self.rank in op.ranks and op.kind in kinds]
         # An average among holders completes before any delivery starts from it.
         self._average_among_holders([(t, op) for t, op in mine if op.kind == "allreduce"], block_params)
-        pending = self._deliver([(t, op) for t, op in mine if op.kind == "bcast"], block_params)
+        pending = self._deliver([(t, op) for t, op in mine if op.kind == "bcast"], block_params, precision, references)
         if not nonblocking:
             pending.wait()
         return pending
@@ -283,29 +307,36 @@ class TorchSynchroniser:
             total /= len(ranks)
             _unflatten_into(total, tensors)
 
-    def _deliver(self, ops, block_params) -> Pending:
-        """The root sends each operation's blocks to its other ranks; they receive in place."""
+    def _deliver(self, ops, block_params, precision="fp32", references=None) -> Pending:
+        """The root sends each operation's blocks to its other ranks; they receive in place.
+        fp16 or int8: the root sends its packed change since `references` and keeps what it
+        sent; the others unpack it against the same references (`quantized.pack_delivery`)."""
         p2p, finish = [], []
         for tag, op in ops:
             tensors = [p for b in op.blocks for p in block_params[b]]
-            buf = (
-                _flat(tensors)
-                if self.rank == op.root
-                else torch.empty(sum(t.numel() for t in tensors), dtype=tensors[0].dtype, device=tensors[0].device)
-            )
+            refs = [t for b in op.blocks for t in references[b]] if precision != "fp32" else None
+            numel = sum(t.numel() for t in tensors)
             if self.rank == op.root:
+                buf = pack_delivery(tensors, refs, precision) if refs else _flat(tensors)
                 p2p += [dist.P2POp(dist.isend, buf, r, tag=tag) for r in op.ranks if r != op.root]
             else:
+                if refs:
+                    buf = torch.empty(delivery_nbytes(numel, precision), dtype=torch.uint8, device=tensors[0].device)
+                else:
+                    buf = torch.empty(numel, dtype=tensors[0].dtype, device=tensors[0].device)
                 p2p.append(dist.P2POp(dist.irecv, buf, op.root, tag=tag))
-                finish.append((buf, tensors))
+                finish.append((buf, tensors, refs))
             self.traffic.broadcast(_nbytes(buf), len(op.ranks), self.rank == op.root)
         works = dist.batch_isend_irecv(p2p) if p2p else []
 
         def complete():
             for w in works:
                 w.wait()
-            for buf, tensors in finish:
-                _unflatten_into(buf, tensors)
+            for buf, tensors, refs in finish:
+                if refs:
+                    unpack_delivery(buf, tensors, refs, precision)
+                else:
+                    _unflatten_into(buf, tensors)
 
         return Pending(complete)
 

@@ -14,6 +14,28 @@ from dataclasses import dataclass
 
 from ..models.plan import Plan
 
+# Values per chunk of the compressed codec (hist.comm.quantized): one bf16 scale each (int8,
+# int4), and positions of one byte each under top-k.
+CHUNK = 256
+VALUE_BITS = {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4}
+
+
+def codec_nbytes(n: int, precision: str, k: int = CHUNK) -> int:
+    """Packed bytes of `n` values (a multiple of CHUNK) at `precision`, keeping `k` a chunk."""
+    chunks = n // CHUNK
+    values = chunks * k
+    scales = 2 * chunks if precision in ("int8", "int4") else 0
+    positions = values if k < CHUNK else 0
+    return scales + positions + -(-values * VALUE_BITS[precision] // 8)
+
+
+def compressed_average_bytes(n: int, precision: str, k: int, world: int) -> float:
+    """Bytes all ranks send to average `n` values by `quantized.CompressedAverage`: an
+    all-to-all of each rank's packed shards, then an allgather of the packed shard averages."""
+    chunks = -(-n // CHUNK)
+    shard = -(-chunks // world) * CHUNK
+    return 2 * world * (world - 1) * codec_nbytes(shard, precision, k)
+
 
 def ring_allreduce_bytes(nbytes: float, k: int) -> float:
     """Bytes one rank sends (and receives) in a ring allreduce of `nbytes` over `k` ranks."""
@@ -36,6 +58,12 @@ class Traffic:
             self.sent += (k - 1) * nbytes
         else:
             self.received += nbytes
+
+    def exchange(self, nbytes: int, k: int) -> None:
+        """An all-to-all or allgather in which each of `k` ranks holds `nbytes` for each rank:
+        it sends k-1 of them and receives k-1."""
+        self.sent += (k - 1) * nbytes
+        self.received += (k - 1) * nbytes
 
     def take(self) -> tuple[float, float]:
         out = (self.sent, self.received)

@@ -184,7 +184,8 @@ def train(
         )
         checkpoint_now = stop_now or final or (cfg.checkpoint_every and (r + 1) % cfg.checkpoint_every == 0)
         probe_now = cfg.noise_every and (r + 1) % cfg.noise_every == 0
-        method.end_round(r, full=bool(evaluate_now or checkpoint_now or probe_now))
+        planned = evaluate_now or probe_now or (cfg.checkpoint_every and (r + 1) % cfg.checkpoint_every == 0)
+        method.end_round(r, full=bool(planned or stop_now), stop_only=bool(stop_now and not planned))
         clock.lap("sync")
         phases = clock.read()
         stats.data_s, stats.compute_s, stats.sync_s = (phases.get(k, 0.0) for k in ("data", "compute", "sync"))
@@ -224,13 +225,14 @@ def train(
                 f"test loss {loss:.4f} test accuracy {acc:.2f}% (top-5 {top5:.2f}%)"
             )
         scaler_states = precision.gather_state(sync) if checkpoint_now else None  # collective
+        method_state = method.state_dict() if checkpoint_now else None  # collective
         if checkpoint_now and save_checkpoint is not None:
             writer.guard(
                 save_checkpoint,
                 {
                     "model": model.state_dict(),
                     "optimizer": optimizer.state_dict() if method.keeps_optimizer_state else None,
-                    "method": method.state_dict(),
+                    "method": method_state,
                     "precision": scaler_states,
                     "round": r + 1,
                     "wall_s": time.perf_counter() - t0,

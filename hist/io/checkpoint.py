@@ -37,6 +37,8 @@ IDENTITY_KEYS = (
     "world_size",
     "synthetic_size",
     "shared_precision",
+    "shared_topk",
+    "block_precision",
     "optimizer_state",
     "outer_lr",
     "outer_momentum",

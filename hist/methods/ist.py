@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from ..comm import Pending
+import torch
+
 from ..models import Plan, make_plan
 from .balance import SpeedBalancer
-from .base import Averaging, momentum_buffers
+from .base import Averaging
 
 
 class IST(Averaging):
@@ -19,6 +20,11 @@ class IST(Averaging):
         super().__init__(*args)
         self.plan: Plan | None = None
         self.warm = False
+        # --block-precision fp16/int8: what every rank holds of every travelling block tensor
+        # (set at the first round, then at each full synchronisation): deliveries are packed
+        # changes since it.
+        self.packs_blocks = self.cfg.block_precision != "fp32"
+        self.block_base: list[list[torch.Tensor]] | None = None
         subnets = self.sync.subnets
         self.balancer = (
             SpeedBalancer(self.model, len(self.blocks), subnets, self.sync.ranks_per_subnet)
@@ -36,8 +42,24 @@ class IST(Averaging):
             blocks = self.blocks_per_subnet() or [len(self.blocks)] * self.sync.subnets  # warm-up: the full model
             self.balancer.observe(blocks, steps, data_s, compute_s)
 
+    def travelling(self) -> list[list[torch.Tensor]]:
+        """Per block, every tensor that travels with it (weights, then optimizer state)."""
+        return [self.carried(ps, outer=True) for ps in self.blocks]
+
+    @torch.no_grad()
+    def rebase(self) -> None:
+        """Every rank holds the same bits of every block now: the packed deliveries' reference."""
+        if self.block_base is None:
+            self.block_base = [[t.detach().clone() for t in ts] for ts in self.travelling()]
+        else:
+            for base, ts in zip(self.block_base, self.travelling()):
+                for b, t in zip(base, ts):
+                    b.copy_(t)
+
     def begin_round(self, r: int) -> None:
         super().begin_round(r)
+        if self.packs_blocks and self.block_base is None:  # the first round: every rank holds one model
+            self.rebase()
         self.warm = r < self.warm_rounds
         if self.warm:
             self.plan = None
@@ -47,8 +69,8 @@ class IST(Averaging):
             if r % self.cfg.plan_check_every == 0:
                 self.sync.check_same(self.plan.digest, f"subnetwork plan of round {r}")
             self.model.set_subnetwork(self.plan.blocks[self.sync.subnet])
-        if self.outer or self.cfg.shared_precision == "fp16":
-            self.snapshot(self.active_params())
+        if self.outer or self.sends_change:
+            self.round_start(self.active_params())
 
     def my_blocks(self) -> list[int]:
         return list(self.plan.blocks[self.sync.subnet]) if self.plan is not None else list(range(len(self.blocks)))
@@ -59,9 +81,11 @@ class IST(Averaging):
     def after_backward(self) -> None:
         self.sync.average_gradients(self.active_params())
 
-    def end_round(self, r: int, full: bool) -> None:
+    def end_round(self, r: int, full: bool, stop_only: bool = False) -> None:
         if self.warm:  # local SGD: afterwards every rank holds the whole model
             self.average_everything()
+            if self.packs_blocks:
+                self.rebase()
             return
         # The shared parameters' allreduce (Horovod) starts first; with --overlap the block
         # transfers (MPI) run while it is in flight, and both are waited for at the end.
@@ -71,31 +95,33 @@ class IST(Averaging):
         shared = self.start_shared_average()
         if not overlap:
             shared.wait()
-        next_plan = None if full else self.plan_for(r + 1)
-        travelling = [self.carried(ps, outer=True) for ps in self.blocks]
+        # Packed deliveries go to the next plan's holders even before a full synchronisation, so
+        # that they keep the bits an uninterrupted run keeps; the others then get copies of them.
+        next_plan = None if full and not self.packs_blocks else self.plan_for(r + 1)
+        packing = {"precision": self.cfg.block_precision, "references": self.block_base} if self.packs_blocks else {}
+        travelling = self.travelling()
         if self.outer:  # average among holders, step, then deliver the stepped block
             self.sync.sync_blocks(travelling, self.plan, next_plan, self.cfg.aggregate, kinds=("allreduce",))
             self.outer_step([p for b in self.my_blocks() for p in self.blocks[b]])
             blocks = self.sync.sync_blocks(
-                travelling, self.plan, next_plan, self.cfg.aggregate, kinds=("bcast",), nonblocking=overlap
+                travelling, self.plan, next_plan, self.cfg.aggregate, kinds=("bcast",), nonblocking=overlap, **packing
             )
         else:
-            blocks = self.sync.sync_blocks(travelling, self.plan, next_plan, self.cfg.aggregate, nonblocking=overlap)
+            blocks = self.sync.sync_blocks(
+                travelling, self.plan, next_plan, self.cfg.aggregate, nonblocking=overlap, **packing
+            )
         shared.wait()
         blocks.wait()
         if self.outer:
             self.outer_step(self.shared)
+        if self.packs_blocks and full:
+            self.sync.sync_blocks(travelling, self.plan, None, self.cfg.aggregate, kinds=("bcast",))
+            if not stop_only:  # a run resumed from a stop goes on from the base it had
+                self.rebase()
 
     def start_shared_average(self):
         """Start averaging the shared parameters (and their momentum) over every rank."""
-        if self.cfg.shared_precision == "fp16":
-            pending = [self.sync.start_average_changes_over_world(self.shared, [self.starts[p] for p in self.shared])]
-            if self.average_state:
-                shared_momentum = momentum_buffers(self.optimizer, self.shared)
-                pending.append(self.sync.start_average_over_world(shared_momentum, name="hist.world_momentum"))
-        else:
-            pending = [self.sync.start_average_over_world(self.carried(self.shared, outer=False))]
-        return Pending(*(p.wait for p in pending))
+        return self.start_average(self.shared, "shared")
 
     def blocks_per_subnet(self) -> list[int] | None:
         return None if self.plan is None else [len(b) for b in self.plan.blocks]
@@ -114,9 +140,14 @@ class IST(Averaging):
         state = super().state_dict()
         if self.balancer is not None:
             state["balance"] = self.balancer.state_dict()
+        if self.block_base is not None:  # the same on every rank
+            state["block_base"] = self.block_base
         return state
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
+        if self.packs_blocks and state.get("block_base") is not None:
+            device = self.params[0].device
+            self.block_base = [[t.to(device).clone() for t in ts] for ts in state["block_base"]]
         if self.balancer is not None and state.get("balance") is not None:
             self.balancer.load_state_dict(state["balance"])

@@ -11,8 +11,8 @@ class LocalSGD(Averaging):
     def begin_round(self, r: int) -> None:
         super().begin_round(r)
         self.model.set_full()
-        if self.outer:
-            self.snapshot(self.params)
+        if self.outer or self.sends_change:
+            self.round_start(self.params)
 
-    def end_round(self, r: int, full: bool) -> None:
+    def end_round(self, r: int, full: bool, stop_only: bool = False) -> None:
         self.average_everything()
