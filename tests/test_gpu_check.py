@@ -30,7 +30,8 @@ def test_gpu_check_passes_on_the_cpu_with_its_json(tmp_path):
     report = json.loads(proc.stdout)
     assert report["ok"] is True and report["device"] == "cpu"
     checks = report["checks"]
-    assert TRAININGS | {"ranks2-ist", "ranks2-dp", "bare-step-np1", "bare-step-ranks2"} == set(checks)  # Horovod, MPI
+    ranks2 = {"ranks2-ist", "ranks2-dp", "ranks2-torch-ist", "ranks2-torch-dp"}  # Horovod + MPI, torch.distributed
+    assert TRAININGS | ranks2 | {"bare-step-np1", "bare-step-ranks2"} == set(checks)
     for name in ("bare-step-np1", "bare-step-ranks2"):  # hist's step beside a bare one: measured, not judged
         c = checks[name]
         assert c["ok"] and set(c["bare_step_ratio"]) == {"0.0625"} and 0.5 < c["bare_step_ratio"]["0.0625"] < 2
@@ -43,7 +44,7 @@ def test_gpu_check_passes_on_the_cpu_with_its_json(tmp_path):
         assert abs(c["phase_ratio"] - 1) <= 0.10 and c["images_per_s"] > 0
         assert c["data_s"] >= 0 and c["compute_s"] > 0 and c["data_per_compute"] >= 0  # does the loader keep up
     assert set(report["images_per_s"]) == TRAININGS
-    assert all(checks[f"ranks2-{m}"]["final_accuracy"] >= 0 for m in ("ist", "dp"))
+    assert all(checks[name]["ok"] and checks[name]["final_accuracy"] >= 0 for name in ranks2)
 
 
 @pytest.mark.slow
@@ -78,3 +79,11 @@ def test_on_cuda_the_runs_are_sized_for_the_device_and_2_ranks_need_2_gpus():
     assert gpu_check.ranks2_skipped(ready, "cuda", 2) is None
     assert "1 GPU visible: 2 ranks need 2 GPUs" in gpu_check.ranks2_skipped(ready, "cuda", 1)
     assert "missing" in gpu_check.ranks2_skipped({**ready, "mpi4py": "ImportError"}, "cuda", 8)
+    ready = {**ready, "torch.distributed": True, "torchrun": "/usr/bin/torchrun"}
+    assert gpu_check.ranks2_skipped({**ready, "horovod.torch": "ImportError"}, "cpu", 0, "torch") is None
+    assert "torchrun is missing" in gpu_check.ranks2_skipped({**ready, "torchrun": None}, "cpu", 0, "torch")
+    assert "1 GPU visible" in gpu_check.ranks2_skipped(ready, "cuda", 1, "torch")
+    assert (
+        gpu_check.ranks2_name("ist", "horovod") == "ranks2-ist"
+        and gpu_check.ranks2_name("dp", "torch") == "ranks2-torch-dp"
+    )

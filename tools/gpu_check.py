@@ -12,12 +12,15 @@ Checks, each in a child process of its own so that one failure never hides the n
   the phase times (CUDA events on a GPU) must add up to the wall time of the rounds within 10%;
   images/s, and the data and compute seconds, are recorded. Loaders: the on-device one
   (synthetic 32x32 set) and the streaming one (the Imagewoof sample, or a generated JPEG folder).
-- `ranks2-<method>`: IST and dp on 2 ranks under horovodrun (one GPU each on CUDA).
+- `ranks2-<method>`: IST and dp on 2 ranks under horovodrun (one GPU each on CUDA), and
+  `ranks2-torch-<method>` the same under torchrun on the torch.distributed engine (NCCL on
+  CUDA, Gloo on a CPU).
 - `bare-step-np1`, `bare-step-ranks2`: hist's training step over a bare PyTorch step of the same
   subnetwork (`hist.analysis.steps`, hist-bench's `bare_step_ratio`), one process and IST on
   2 ranks, by width; a measurement beside its target (1.03), never a failure by itself.
 What cannot run here is listed under "skipped" with why: a precision the device has no fast
-path for (fp16 on a CPU), the 2-rank checks without Horovod or, on CUDA, without 2 GPUs.
+path for (fp16 on a CPU), each engine's 2-rank checks without that engine or its launcher
+or, on CUDA, without 2 GPUs.
 """
 
 from __future__ import annotations
@@ -103,10 +106,24 @@ def run_training(options: dict) -> int:
 
 
 # ------------------------------------------------------------------ the parent: the checks
-def child(options: dict, env: dict, ranks: int = 1):
+def on_ranks(cmd: list[str], ranks: int, engine: str = "horovod") -> list[str]:
+    """`cmd` on `ranks` ranks of this machine under the engine's own launcher."""
+    if engine == "torch":
+        return [
+            shutil.which("torchrun") or "torchrun",
+            "--standalone",
+            "--nproc-per-node",
+            str(ranks),
+            "--no-python",
+            *cmd,
+        ]
+    return [shutil.which("horovodrun") or "horovodrun", "-np", str(ranks), "-H", f"localhost:{ranks}", *cmd]
+
+
+def child(options: dict, env: dict, ranks: int = 1, engine: str = "horovod"):
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(options)]
     if ranks > 1:
-        cmd = [shutil.which("horovodrun") or "horovodrun", "-np", str(ranks), "-H", f"localhost:{ranks}", *cmd]
+        cmd = on_ranks(cmd, ranks, engine)
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -212,13 +229,14 @@ def check_training(name: str, options: dict, out: Path, env: dict) -> dict:
     return result
 
 
-def check_ranks(method: str, device: str, out: Path, env: dict) -> dict:
-    """2 ranks under horovodrun: on the CPU sharing it, on CUDA one GPU each (NCCL refuses two
-    ranks on one GPU)."""
+def check_ranks(method: str, device: str, out: Path, env: dict, engine: str = "horovod") -> dict:
+    """2 ranks under the engine's launcher: on the CPU sharing it, on CUDA one GPU each (NCCL
+    refuses two ranks on one GPU)."""
     train, array, _ = sizes(device)
     options = {**train, **array, "epochs": 1.0, "method": method, "device": device, "share_gpus": device == "cpu"}
-    options["out"] = str(out / f"ranks2-{method}.h5")
-    proc = child(options, env, ranks=2)
+    options["backend"] = engine
+    options["out"] = str(out / f"{ranks2_name(method, engine)}.h5")
+    proc = child(options, env, ranks=2, engine=engine)
     try:
         text, _ = proc.communicate(timeout=CHILD_TIMEOUT_S)
     except subprocess.TimeoutExpired:
@@ -243,7 +261,7 @@ def check_bare_step(device: str, env: dict, ranks: int = 1) -> dict:
         cmd = [sys.executable, "-m", "hist.analysis.steps", "--width", str(width), "--batch", str(sizes_["batch"]),
                "--pairs", str(sizes_["pairs"]), "--device", device]  # fmt: skip
         if ranks > 1:
-            cmd = [shutil.which("horovodrun") or "horovodrun", "-np", str(ranks), "-H", f"localhost:{ranks}", *cmd]
+            cmd = on_ranks(cmd, ranks)
         try:
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
         except subprocess.TimeoutExpired:
@@ -258,10 +276,16 @@ def check_bare_step(device: str, env: dict, ranks: int = 1) -> dict:
     return result
 
 
-def ranks2_skipped(env: dict, device: str, gpus: int) -> str | None:
-    """Why the 2-rank checks cannot run here (None: they can)."""
-    if not (env["horovod.torch"] is True and env["mpi4py"] is True and env["horovodrun"]):
+def ranks2_name(method: str, engine: str) -> str:
+    return f"ranks2-{method}" if engine == "horovod" else f"ranks2-{engine}-{method}"
+
+
+def ranks2_skipped(env: dict, device: str, gpus: int, engine: str = "horovod") -> str | None:
+    """Why the engine's 2-rank checks cannot run here (None: they can)."""
+    if engine == "horovod" and not (env["horovod.torch"] is True and env["mpi4py"] is True and env["horovodrun"]):
         return "Horovod, mpi4py or horovodrun is missing here"
+    if engine == "torch" and not (env["torch.distributed"] is True and env["torchrun"]):
+        return "torch.distributed or torchrun is missing here"
     if device == "cuda" and gpus < 2:
         return f"{gpus} GPU visible: 2 ranks need 2 GPUs, since NCCL refuses two ranks on one GPU (horovod#3929)"
     return None
@@ -308,6 +332,10 @@ def environment(device: str) -> dict:
 
         info["horovod_cuda_built"], info["horovod_nccl_built"] = bool(hvd.cuda_built()), bool(hvd.nccl_built())
     info["horovodrun"] = shutil.which("horovodrun")
+    import torch.distributed as dist
+
+    info["torch.distributed"] = dist.is_available()
+    info["torchrun"] = shutil.which("torchrun")
     return info
 
 
@@ -356,14 +384,18 @@ def main(argv=None) -> int:
             if not args.only or args.only in "bare-step-np1":
                 checks["bare-step-np1"] = check_bare_step(args.device, env)
             gpus = torch.cuda.device_count() if args.device == "cuda" else 0
-            why_not = ranks2_skipped(report["environment"], args.device, gpus)
-            if why_not:
-                skipped["ranks2-*"] = skipped["bare-step-ranks2"] = why_not
-            else:
+            for engine in ("horovod", "torch"):
+                why_not = ranks2_skipped(report["environment"], args.device, gpus, engine)
+                if why_not:
+                    skipped[ranks2_name("*", engine)] = why_not
+                    if engine == "horovod":
+                        skipped["bare-step-ranks2"] = why_not
+                    continue
                 for method in ("ist", "dp"):
-                    if not args.only or args.only in f"ranks2-{method}":
-                        checks[f"ranks2-{method}"] = check_ranks(method, args.device, out, env)
-                if not args.only or args.only in "bare-step-ranks2":
+                    name = ranks2_name(method, engine)
+                    if not args.only or args.only in name:
+                        checks[name] = check_ranks(method, args.device, out, env, engine)
+                if engine == "horovod" and (not args.only or args.only in "bare-step-ranks2"):
                     checks["bare-step-ranks2"] = check_bare_step(args.device, env, ranks=2)
     finally:
         if not args.out:
