@@ -9,7 +9,7 @@ from test_train import rounds
 
 from hist.analysis.noise import probe_estimates, processes_that_pay, step_speedup
 
-from helpers import BIN, mpirun, run
+from helpers import BIN, mpirun
 
 
 def test_estimator_recovers_the_gradient_and_the_noise_of_known_per_example_gradients():
@@ -62,7 +62,11 @@ def test_probes_measure_on_every_rank_and_change_nothing_of_the_training(tmp_pat
     assert len(noise["round"]) == len(probed[0]["round"]) // 2 and (noise["round"] % 2 == 1).all()
     assert (noise["small_batch"] == 16).all() and (noise["big_batch"] == 64).all()  # batch 32: halves of 16, 4 of them
     assert (noise["small_sq"] > noise["big_sq"]).all() and (noise["big_sq"] > 0).all()  # averaging cuts the noise
-    report = run([BIN / "hist-report", tmp_path / "probed.h5", "-o", tmp_path / "report"]).stdout
+    from test_report import hist_report  # in this process: the command's own code, no process start
+
+    report = hist_report(tmp_path / "probed.h5", "-o", tmp_path / "report")
+    assert report.returncode == 0, report.stderr
+    report = report.stdout
     assert "gradient noise scale, probed.h5: B_simple" in report and "data parallelism pays up to" in report
     assert (tmp_path / "report" / "noise_scale.png").stat().st_size > 0
     if method == "ist":  # the evaluation switches, on the finished run's model (--resume evaluates it again)
