@@ -483,6 +483,26 @@ def engines_bench(methods, repeats, width, batch_size, local_iters, synthetic_si
     click.echo(json.dumps(r, indent=2) if as_json else b.format_engines(r))
 
 
+@bench.command("bytes", context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
+@click.option("--topk", default="0,0.01", help="--shared-topk values, comma-separated (0 = off).")
+@click.option("--rounds", default=20, help="Rounds of plans averaged (block traffic varies by round).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@user_errors("hist-bench")
+def bytes_bench(topk, rounds, as_json):
+    """Bytes per round of every --shared-precision, --shared-topk and --block-precision at
+    S = N = 2, 4, 8 (ResNet-101, CIFAR-100 head, momentum averaged), counted, not timed."""
+    from .analysis import bench as b
+
+    try:
+        fractions = tuple(float(v) for v in topk.split(","))
+    except ValueError:
+        raise HistError(f"--topk {topk!r}: give fractions in [0, 1), comma-separated, e.g. 0,0.01")
+    if not fractions or any(not 0 <= f < 1 for f in fractions):
+        raise HistError(f"--topk {topk!r}: give fractions in [0, 1), comma-separated, e.g. 0,0.01")
+    rows = b.setting_bytes(rounds, fractions)
+    click.echo(json.dumps(rows, indent=2) if as_json else b.format_setting_bytes(rows))
+
+
 def _int_list(least: int):
     def parse(ctx, param, value: str) -> list[int]:
         try:

@@ -23,8 +23,9 @@ import numpy as np
 import torch
 
 from .. import data as datasets
-from ..choices import BACKENDS, PRECISIONS, SINGLE
+from ..choices import BACKENDS, BLOCK_PRECISIONS, PRECISIONS, SHARED_PRECISIONS, SINGLE
 from ..comm import connect, horovod_version, ring_allreduce_bytes, round_bytes
+from ..comm.traffic import average_bytes, topk_per_chunk
 from ..engine.precision import Precision, precision_supported
 from ..io.timings import read_run
 from ..models import build_model, conv_flops, make_plan, shared_and_partitioned
@@ -137,6 +138,60 @@ def bytes_per_round(local_iters: int = 50, rounds: int = 20) -> dict:
         out["local-sgd"][str(n)] = 2 * ring * full_b
         out["dp"][str(n)] = ring * full_b * local_iters
     return out
+
+
+def setting_bytes(rounds: int = 20, topks=(0.0, 0.01)) -> list[dict]:
+    """Bytes per round, all ranks together, of every `--shared-precision`, `--shared-topk` in
+    `topks` and (IST) `--block-precision`, at S = N = 2, 4, 8: ResNet-101 with a CIFAR-100 head,
+    momentum averaged (the default), steady rounds (towards the next plan), counted by the
+    live run's own functions (`comm.round_bytes`, `comm.traffic.average_bytes`)."""
+    model = build_model("preact_resnet101", 100, 1.0)
+    shared, blocks = shared_and_partitioned(model)
+    carried = 2  # the weights and their momentum buffers travel together
+    shared_n = carried * sum(p.numel() for p in shared)
+    block_b = [carried * 4 * sum(p.numel() for p in ps) for ps in blocks]
+    full_n = shared_n + sum(block_b) // 4
+    plans = {n: [make_plan(0, r, len(blocks), n) for r in range(rounds + 1)] for n in (2, 4, 8)}
+    rows = []
+    for precision in SHARED_PRECISIONS:
+        for topk in topks:
+            k = topk_per_chunk(topk)
+            row = {"method": "local-sgd", "shared": precision, "topk": topk, "blocks": "-"}
+            rows.append(row | {str(n): average_bytes(full_n, precision, k, n) for n in (2, 4, 8)})
+            for block_precision in BLOCK_PRECISIONS:
+                row = {"method": "ist", "shared": precision, "topk": topk, "blocks": block_precision}
+                for n, ps in plans.items():
+                    sent = [
+                        round_bytes(ps[r], ps[r + 1], 1, "copy", block_b, 4 * shared_n, precision, k, block_precision)[
+                            0
+                        ]
+                        for r in range(rounds)
+                    ]
+                    row[str(n)] = float(np.mean(sent))
+                rows.append(row)
+    fp32 = next(r for r in rows if r["method"] == "local-sgd" and r["shared"] == "fp32" and not r["topk"])
+    for row in rows:
+        alike = next(
+            r for r in rows if r["method"] == "local-sgd" and (r["shared"], r["topk"]) == (row["shared"], row["topk"])
+        )
+        row["vs_fp32_local_sgd"] = {n: row[n] / fp32[n] for n in ("2", "4", "8")}
+        row["vs_local_sgd_alike"] = {n: row[n] / alike[n] for n in ("2", "4", "8")}
+    return rows
+
+
+def format_setting_bytes(rows: list[dict]) -> str:
+    """The bytes table in Markdown: GB per round at 2, 4, 8, then the ratios at 8."""
+    lines = [
+        "| method | shared | top-k | blocks | GB/round N=2 | N=4 | N=8 | vs fp32 local SGD, N=8 | vs local SGD alike, N=8 |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        gb = " | ".join(f"{r[n] / 1e9:.4f}" for n in ("2", "4", "8"))
+        lines.append(
+            f"| {r['method']} | {r['shared']} | {r['topk'] or '-'} | {r['blocks']} | {gb} | "
+            f"{r['vs_fp32_local_sgd']['8']:.4f} | {r['vs_local_sgd_alike']['8']:.3f} |"
+        )
+    return "\n".join(lines)
 
 
 def pipeline_ratio(width: float, batch: int, device, steps: int, warmup: int) -> dict:

@@ -29,17 +29,12 @@ from __future__ import annotations
 
 import torch
 
-from .traffic import CHUNK, codec_nbytes
+from .traffic import CHUNK, codec_nbytes, delivery_nbytes, topk_per_chunk
 
 # Largest integer of each quantized value kind (symmetric: -Q..Q).
 QMAX = {"int8": 127, "int4": 7}
 FLOAT_BYTES = {"fp32": 4, "fp16": 2}
 FLOAT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
-
-
-def topk_per_chunk(fraction: float) -> int:
-    """Values kept per chunk of `CHUNK` under `--shared-topk FRACTION` (0: all of them)."""
-    return CHUNK if fraction <= 0 else max(1, min(CHUNK, round(fraction * CHUNK)))
 
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:
@@ -142,11 +137,6 @@ def _apply(tensors, references, change: torch.Tensor) -> None:
         offset += k
 
 
-def delivery_nbytes(numel: int, precision: str) -> int:
-    """Bytes of one packed block delivery of `numel` values (`pack_delivery`)."""
-    return codec_nbytes(_padded(numel), precision)
-
-
 @torch.no_grad()
 def pack_delivery(tensors, references, precision: str) -> torch.Tensor:
     """The sender's packed change of `tensors` since `references` (which every receiver holds);
@@ -156,6 +146,7 @@ def pack_delivery(tensors, references, precision: str) -> torch.Tensor:
     v[: change.numel()] = change
     packed, sent = Codec(precision).encode(v)
     _apply(tensors, references, sent)
+    assert packed.numel() == delivery_nbytes(change.numel(), precision)
     return packed
 
 

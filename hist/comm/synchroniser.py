@@ -20,8 +20,8 @@ import torch
 from ..errors import CollectiveError, HistError
 from ..models.plan import Plan
 from ..world import gpu_slot, world_info_from_env
-from .quantized import delivery_nbytes, pack_delivery, unpack_delivery
-from .traffic import Traffic, schedule_blocks
+from .quantized import pack_delivery, unpack_delivery
+from .traffic import Traffic, delivery_nbytes, schedule_blocks
 
 
 def _unflatten_into(flat: torch.Tensor, tensors) -> None:

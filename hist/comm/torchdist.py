@@ -25,9 +25,9 @@ import torch.distributed as dist
 from ..errors import HistError
 from ..models.plan import Plan
 from ..world import gpu_slot, torch_rendezvous, world_info_from_env
-from .quantized import delivery_nbytes, pack_delivery, unpack_delivery
+from .quantized import pack_delivery, unpack_delivery
 from .synchroniser import Pending, _unflatten_into
-from .traffic import Traffic, schedule_blocks
+from .traffic import Traffic, delivery_nbytes, schedule_blocks
 
 # Into one tensor (renamed in torch 2.10; the old name warns there).
 ALL_GATHER_SINGLE = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor

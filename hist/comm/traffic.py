@@ -29,6 +29,26 @@ def codec_nbytes(n: int, precision: str, k: int = CHUNK) -> int:
     return scales + positions + -(-values * VALUE_BITS[precision] // 8)
 
 
+def topk_per_chunk(fraction: float) -> int:
+    """Values kept per chunk under `--shared-topk FRACTION` (0: all of them)."""
+    return CHUNK if fraction <= 0 else max(1, min(CHUNK, round(fraction * CHUNK)))
+
+
+def delivery_nbytes(numel: int, precision: str) -> int:
+    """Bytes of one block delivery of `numel` values: fp32 as they are, else packed (padded to
+    whole chunks; `quantized.pack_delivery`)."""
+    return 4 * numel if precision == "fp32" else codec_nbytes(-(-numel // CHUNK) * CHUNK, precision)
+
+
+def average_bytes(n: int, precision: str, k: int, world: int) -> float:
+    """Bytes all ranks send to average `n` fp32 values over `world` ranks at `precision`, keeping
+    `k` of each chunk: fp32 and fp16 by a ring allreduce, the packed kinds by
+    `compressed_average_bytes`."""
+    if k == CHUNK and precision in ("fp32", "fp16"):
+        return world * ring_allreduce_bytes(n * VALUE_BITS[precision] // 8, world)
+    return compressed_average_bytes(n, precision, k, world)
+
+
 def compressed_average_bytes(n: int, precision: str, k: int, world: int) -> float:
     """Bytes all ranks send to average `n` values by `quantized.CompressedAverage`: an
     all-to-all of each rank's packed shards, then an allgather of the packed shard averages."""
@@ -121,15 +141,23 @@ def round_bytes(
     aggregate: str,
     block_nbytes: list[int],
     shared_nbytes: int,
+    shared_precision: str = "fp32",
+    shared_k: int = CHUNK,
+    block_precision: str = "fp32",
 ) -> tuple[float, float]:
-    """(sent, received) over all ranks for one IST round, by the same accounting as the live run."""
+    """(sent, received) over all ranks for one IST round, by the same accounting as the live run
+    (sizes in fp32 bytes; the shared average and the block deliveries at their precisions)."""
     world = plan.subnets * ranks_per_subnet
     t = Traffic()
+    shared_sent = average_bytes(shared_nbytes // 4, shared_precision, shared_k, world)
+    t.sent += shared_sent
+    t.received += shared_sent  # every collective here receives what it sends, summed over ranks
     for r in range(world):
-        t.allreduce(shared_nbytes, world)
         for op in schedule_blocks(plan, next_plan, ranks_per_subnet, aggregate):
             if r in op.ranks:
                 nbytes = sum(block_nbytes[b] for b in op.blocks)
+                if op.kind == "bcast":
+                    nbytes = delivery_nbytes(nbytes // 4, block_precision)
                 if op.kind == "allreduce":
                     t.allreduce(nbytes, len(op.ranks))
                 else:

@@ -19,8 +19,7 @@ import numpy as np
 import torch
 
 from hist.comm import connect
-from hist.comm.quantized import topk_per_chunk
-from hist.comm.traffic import compressed_average_bytes
+from hist.comm.traffic import compressed_average_bytes, topk_per_chunk
 from hist.config import Config
 from hist.methods import IST, LocalSGD
 from hist.models import build_model
