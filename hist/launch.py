@@ -23,6 +23,7 @@ import torch
 from . import data as datasets
 from .choices import FOLDER_DATASETS, run_label
 from .comm import Sync, connect
+from .comm.traffic import traffic_precisions
 from .config import Config
 from .data.order import images_per_rank
 from .engine import Result, StopFlag, lr_scaling, peak_lr, train
@@ -245,6 +246,7 @@ def open_recorder(cfg, sync, checked, device, train_data, test_data, resume_stat
             "peak_lr": peak_lr(cfg, sync.size),
             "block_transport": sync.block_transport,
             "engine": sync.engine,
+            "traffic": traffic_of(cfg, sync.size),
         }
         try:
             start = resume_state["round"] if resume_state else 0
@@ -382,12 +384,22 @@ def run_training(cfg: Config) -> Result:
     if lock is not None:
         lock.release()
     if not result.stopped_early:
-        for line in summary(result, checked, cfg.tensorboard, sync.engine):
+        for line in summary(result, checked, cfg.tensorboard, sync.engine, traffic_of(cfg, sync.size)):
             log(line)
     return result
 
 
-def summary(result: Result, checked: Checked, tensorboard: str | None, engine: str = "local") -> list[str]:
+def traffic_of(cfg: Config, world_size: int) -> dict[str, str]:
+    """What each kind of this run's traffic sends ({} for one process)."""
+    if world_size == 1:
+        return {}
+    momentum = cfg.optimizer_state == "average" and cfg.momentum > 0
+    return traffic_precisions(cfg.method, cfg.shared_precision, cfg.shared_topk, cfg.block_precision, momentum)
+
+
+def summary(
+    result: Result, checked: Checked, tensorboard: str | None, engine: str = "local", traffic: dict | None = None
+) -> list[str]:
     """The end-of-run block: accuracy, speed, communication, where the files are, what next."""
     t = result.totals
     lines = [
@@ -401,6 +413,8 @@ def summary(result: Result, checked: Checked, tensorboard: str | None, engine: s
             f"{t['bytes'] / t['rounds'] / 1e6:.2f} MB sent per round (all ranks)"
         )
     lines.append(f"  engine     {engine}")
+    if traffic:
+        lines.append("  traffic    " + "; ".join(f"{kind} {what}" for kind, what in traffic.items()))
     lines += [f"  timings    {checked.out}", f"  checkpoint {checked.checkpoint}"]
     if tensorboard:
         lines.append(f"  live view  tensorboard --logdir {tensorboard}")

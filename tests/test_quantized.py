@@ -3,6 +3,7 @@ MPI and torch.distributed (Gloo): the same bits on every rank (shared averages a
 deliveries), error feedback that loses nothing, the bytes counted being the bytes sent, exact
 resume, and one line for a bad option."""
 
+import json
 from pathlib import Path
 
 import h5py
@@ -151,8 +152,12 @@ def test_resume_from_a_checkpoint_is_exact(tmp_path, launcher, extra):
             for xs, ys in zip(a["method"]["block_base"], b["method"]["block_base"])
             for x, y in zip(xs, ys)
         )
-    (la, _), (lb, _) = rounds(ref), rounds(cut)
+    (la, attrs), (lb, _) = rounds(ref), rounds(cut)
     if launcher is mpirun:  # what the run counted is what hist-bench counts for its settings
+        traffic = json.loads(attrs["traffic"])  # and the timing file names each kind's precision
+        assert traffic["shared"].startswith("int4 change and momentum, top-k 0.05") and traffic["blocks"].startswith(
+            "int8"
+        )
         assert np.array_equal(la["bytes_sent"].sum(axis=1)[[0, 2, 4]], counted_bytes(6, "int4", 0.05, "int8")[::2])
     assert np.array_equal(la["loss"], lb["loss"])
     same = [r for r in range(len(la["loss"])) if r != 2]  # round 3 of the cut run sent everything to everyone

@@ -42,18 +42,19 @@ TINY = TINY_RUN
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
-@pytest.mark.parametrize("schedule", ["post-local", "qsr"])
-def test_a_killed_run_resumes_to_the_same_rounds_and_model(tmp_path, schedule):
+def test_a_killed_run_resumes_to_the_same_rounds_and_model(tmp_path):
+    """A resumed run finds its place in rounds of changing length. Every schedule reaches the loop
+    as one list of round starts (round_starts, tested above for each); qsr's rounds change
+    length after the first checkpoint, so a qsr run is the one cut here (post-local had a cut
+    run of its own too, through the same path)."""
     from test_train import cut_and_resume, rounds, same_model
 
-    args = ["synthetic", "--epochs", "6", *TINY, "--checkpoint-every", "3", "--round-schedule", schedule]
+    args = ["synthetic", "--epochs", "6", *TINY, "--checkpoint-every", "3", "--round-schedule", "qsr"]
     args += ["--qsr-alpha", "0.1", "--warmup-epochs", "0"]
     ref, out, a, b = cut_and_resume(tmp_path, *args)
     assert same_model(a["model"], b["model"])
     r_ref, r_out = rounds(ref)[0], rounds(out)[0]
     assert r_ref["steps"].tolist() == r_out["steps"].tolist() and np.array_equal(r_ref["loss"], r_out["loss"])
     steps = r_ref["steps"].tolist()  # 48 steps a rank: the schedule's own lengths
-    if schedule == "post-local":
-        assert steps == [1] * 24 + [4] * 6
-    else:  # peak 0.2 (2 ranks, linear): 4-step rounds, then (0.1 / 0.02)^2 = 25 after the drop
-        assert steps[:6] == [4] * 6 and max(steps) > 4 and sum(steps) == 48
+    # peak 0.2 (2 ranks, linear): 4-step rounds, then (0.1 / 0.02)^2 = 25 after the drop
+    assert steps[:6] == [4] * 6 and max(steps) > 4 and sum(steps) == 48

@@ -268,6 +268,9 @@ def summarise(runs: list[Run], target_accuracy: float | None = None) -> tuple[li
     engines = Counter(run.engine for run in runs if int(run.attrs["world_size"]) > 1)
     if engines:  # which engine moved the bytes: Horovod + MPI, or torch.distributed
         notes.append("engine: " + "; ".join(f"{e} ({n} run{'s' * (n > 1)})" for e, n in sorted(engines.items())))
+    traffic = Counter(f"{run.attrs['method']}: {run.traffic}" for run in runs if run.traffic)
+    for what, n in sorted(traffic.items()):  # the precision of each kind of traffic
+        notes.append(f"traffic, {what} ({n} run{'s' * (n > 1)})")
     if target_accuracy is None:
         target_accuracy, why = default_target(runs)
         if target_accuracy is not None:

@@ -57,6 +57,26 @@ def compressed_average_bytes(n: int, precision: str, k: int, world: int) -> floa
     return 2 * world * (world - 1) * codec_nbytes(shard, precision, k)
 
 
+def traffic_precisions(method: str, shared: str, topk: float, blocks: str, momentum: bool) -> dict[str, str]:
+    """What each kind of a run's traffic sends, in words: the timing file's `traffic` attribute,
+    the end-of-run block and hist-report's note."""
+    also = " and momentum" if momentum else ""
+    if shared in ("int8", "int4") or topk > 0:
+        kept = f", top-k {topk:g}" if topk > 0 else ""
+        average = f"{shared} change{also}{kept}, packed with error feedback, all-to-all + allgather"
+    elif shared == "fp16":
+        average = f"fp16 change{also}, allreduce"
+    else:
+        average = f"fp32 weights{also}, allreduce"
+    if method == "dp":
+        return {"gradients": "fp32, allreduce every step"}
+    if method == "local-sgd":
+        return {"model": average}
+    since = "weights" if blocks == "fp32" else "change"
+    block = f"{blocks} {since}{also}{' since the last full sync' * (blocks != 'fp32')}, broadcast"
+    return {"subnetwork gradients": "fp32, allreduce every step", "shared": average, "blocks": block}
+
+
 def ring_allreduce_bytes(nbytes: float, k: int) -> float:
     """Bytes one rank sends (and receives) in a ring allreduce of `nbytes` over `k` ranks."""
     return 2 * (k - 1) / k * nbytes if k > 1 else 0.0

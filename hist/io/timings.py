@@ -263,6 +263,13 @@ class Run:
         return str(self.attrs.get("engine") or ("local" if int(self.attrs.get("world_size", 1)) == 1 else "horovod"))
 
     @property
+    def traffic(self) -> str | None:
+        """What each kind of its traffic sent, in words (None: one process, or a file from before
+        the record)."""
+        kinds = json.loads(self.attrs.get("traffic") or "{}")
+        return "; ".join(f"{k} {v}" for k, v in kinds.items()) or None
+
+    @property
     def data_split(self) -> str:
         """The run's protocol (hist-train --data-split); files from before the option: shard."""
         return str(self.attrs.get("data_split") or self.config.get("data_split") or "shard")
