@@ -18,24 +18,9 @@ pytestmark = [pytest.mark.slow]
 # ~40 rounds of 2 steps with one evaluation at the end: several seconds of rounds
 TINY = [*TINY_MODEL, *options(batch_size=16, threads=1, synthetic_size=1280, local_iters=2, bn_batches=1)]
 PROGRESS = re.compile(
-    r"^epoch [\d.]+/1 round (\d+)/(\d+) train loss [\d.]+ lr [\d.e-]+ \| \d+ images/s "
+    r"^epoch [\d.]+/[\d.]+ round (\d+)/(\d+) train loss [\d.]+ lr [\d.e-]+ \| \d+ images/s "
     r"\(data \d+% compute \d+% sync \d+%\) \| elapsed \S+ ETA \S+$"
 )
-
-
-def test_progress_lines_come_between_evaluations_at_the_interval_and_the_run_ends_with_its_summary(tmp_path):
-    out = tmp_path / "p.h5"
-    proc = run([BIN / "hist-train", "synthetic", *TINY, "--epochs", "1", "--log-every", "0.5", "--out", out])
-    lines = proc.stdout.splitlines()
-    progress = [(i, PROGRESS.match(line)) for i, line in enumerate(lines) if PROGRESS.match(line)]
-    evals = [i for i, line in enumerate(lines) if "test accuracy" in line and line.startswith("round")]
-    assert len(progress) >= 3, proc.stdout  # a run of several seconds, a line at most every 0.5 s
-    assert all(i < evals[0] for i, _ in progress[:-1]) and len(evals) == 1  # before the only evaluation
-    rounds = [int(m.group(1)) for _, m in progress]
-    assert rounds == sorted(set(rounds)) and rounds[-1] == int(progress[-1][1].group(2))  # the last round too
-    assert "final test accuracy" in proc.stdout
-    for word in ("speed ", "training images/s", "MB sent per round", f"timings    {out}", "hist-report"):
-        assert word in proc.stdout, word
 
 
 def test_log_every_0_and_no_tensorboard_print_and_import_nothing_extra(tmp_path):
@@ -131,14 +116,15 @@ def test_each_line_reaches_the_stream_in_one_write_so_mpirun_tags_it_whole():
     assert PROGRESS.match(stream.calls[1].rstrip("\n")), stream.calls[1]
 
 
-def test_a_reader_holding_the_live_timing_file_neither_stops_the_run_nor_is_refused(tmp_path):
-    """A notebook keeps the timing file open all run long (h5py's default open: HDF5's shared
-    lock) while `hist-report`'s reader reads it again and again: the run's appends go on to the
-    end, and every read sees whole rounds in order."""
+@pytest.fixture(scope="module")
+def live_run(tmp_path_factory):
+    """One run of 2 epochs (80 rounds, one evaluation at the end) with progress lines every 0.5 s,
+    its timing file held open by a notebook and read again and again while it runs: (stdout, the
+    round counts each read saw, the timing file). Two tests read it: the readers, the progress."""
     from hist.io.timings import read_run
 
-    out = tmp_path / "live.h5"
-    cmd = [BIN / "hist-train", "synthetic", *TINY, "--epochs", "2", "--out", out]
+    out = tmp_path_factory.mktemp("live") / "live.h5"
+    cmd = [BIN / "hist-train", "synthetic", *TINY, "--epochs", "2", "--log-every", "0.5", "--out", out]
     proc = subprocess.Popen([str(c) for c in cmd], env=mpi_env(), cwd=ROOT, stdout=subprocess.PIPE, text=True)
     hold = "import h5py, sys; f = h5py.File(sys.argv[1], 'r'); print('held', flush=True); sys.stdin.read()"
     notebook = None
@@ -160,7 +146,31 @@ def test_a_reader_holding_the_live_timing_file_neither_stops_the_run_nor_is_refu
             if p is not None and p.poll() is None:
                 p.kill()
     assert proc.returncode == 0, stdout[-2000:]
+    return stdout, seen, out
+
+
+def test_a_reader_holding_the_live_timing_file_neither_stops_the_run_nor_is_refused(live_run):
+    """A notebook keeps the timing file open all run long (h5py's default open: HDF5's shared
+    lock) while `hist-report`'s reader reads it again and again: the run's appends go on to the
+    end, and every read sees whole rounds in order."""
+    from hist.io.timings import read_run
+
+    _, seen, out = live_run
     with h5py.File(out, "r"):  # and a reader of this very process, holding it too, reads it as well
         final = read_run(out)
     assert final.attrs["status"] == "completed" and len(final.rounds["round"]) == 80  # 2 epochs of 40 rounds
     assert len(set(seen)) > 3  # the reads really overlapped the appends
+
+
+def test_progress_lines_come_between_evaluations_at_the_interval_and_the_run_ends_with_its_summary(live_run):
+    stdout, _, out = live_run
+    lines = stdout.splitlines()
+    progress = [(i, PROGRESS.match(line)) for i, line in enumerate(lines) if PROGRESS.match(line)]
+    evals = [i for i, line in enumerate(lines) if "test accuracy" in line and line.startswith("round")]
+    assert len(progress) >= 3, stdout  # a run of several seconds, a line at most every 0.5 s
+    assert all(i < evals[0] for i, _ in progress[:-1]) and len(evals) == 1  # before the only evaluation
+    rounds = [int(m.group(1)) for _, m in progress]
+    assert rounds == sorted(set(rounds)) and rounds[-1] == int(progress[-1][1].group(2))  # the last round too
+    assert "final test accuracy" in stdout
+    for word in ("speed ", "training images/s", "MB sent per round", f"timings    {out}", "hist-report"):
+        assert word in stdout, word
