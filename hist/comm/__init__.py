@@ -33,7 +33,7 @@ def connect(subnets: int, world_size: int, engine: str = "horovod", **options) -
     if options.get("device", torch.device("cpu")).type == "cpu":
         # CPU-only ranks: Horovod's background thread wakes rarely and MPI yields while it waits
         # (the Synchroniser's fields say what each buys); GPU ranks keep Horovod's defaults.
-        options.setdefault("cycle_time_ms", 50)
+        options.setdefault("cycle_time_ms", 5)
         options.setdefault("yield_when_idle", True)
     return Synchroniser(subnets, **options)
 

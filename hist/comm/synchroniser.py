@@ -141,8 +141,10 @@ class Synchroniser:
 
     subnets: int
     # Horovod's background thread wakes every cycle and negotiates with the other ranks over
-    # MPI; on CPU-only ranks that takes cycles from training (2 ranks on 2 cores: local steps
-    # 1.7x slower at 1 ms than at 50 ms). None: Horovod's default, right for GPU ranks.
+    # MPI; on CPU-only ranks a short cycle takes time from training, a long one delays every
+    # collective by up to a cycle, which dp pays each step. At 5 ms (2 ranks on 2 cores, ResNet-101
+    # width 1/16, batch 32, 3 runs each) dp took 3.4-3.7 s an epoch against 4.5-5.0 s at 50 ms, and
+    # IST 2.37-2.57 s against 2.46-2.85 s. None: Horovod's default, right for GPU ranks.
     cycle_time_ms: float | None = None
     # Open MPI busy-polls while it waits; on CPU-only ranks, yielding gives that core back to
     # the training thread (IST ResNet-101, 2 ranks on 2 cores: 0.28 -> 0.24 s per local step).
