@@ -7,6 +7,7 @@ MPI job (with the rank and host named) so that no other rank waits for it foreve
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import sys
@@ -16,7 +17,7 @@ from pathlib import Path
 import click
 
 from . import choices
-from .config import Config, default_arch
+from .config import Config, default_arch, flag
 from .errors import CollectiveError, HistError
 from .presets import PRESETS
 from .world import world_info_from_env
@@ -74,6 +75,33 @@ def user_errors(prog: str):
 
 # ---------------------------------------------------------------- hist-train
 
+_TYPES = {"int": int, "float": float, "str": str}
+
+
+def config_options(command):
+    """hist-train's options, read from their one declaration in `Config`: flag, default, help,
+    choices, and whether the value is a path. A bool that is off by default is a flag; one that
+    is on, or decided at run time (None), comes with its --no- form."""
+    for f in reversed(dataclasses.fields(Config)):
+        meta = f.metadata
+        if not meta["cli"]:
+            continue
+        name, kwargs = flag(f.name), {"help": meta["help"], "default": f.default}
+        if f.type == "bool" and f.default is False:
+            kwargs["is_flag"] = True
+        elif f.type in ("bool", "bool | None"):
+            name = f"{name}/--no-{name[2:]}"
+        elif meta["choices"]:
+            kwargs["type"] = click.Choice(meta["choices"])
+        elif meta["path"]:
+            kwargs["type"] = click.Path(path_type=str)
+        else:
+            kwargs["type"] = _TYPES[f.type]
+        if f.name == "arch":
+            kwargs["default"] = None  # the dataset's (config.default_arch), filled in by `train`
+        command = click.option(name, **kwargs)(command)
+    return command
+
 
 def _apply_preset(ctx: click.Context, param, name):
     """Eager: the preset's values become the defaults of the options parsed after it."""
@@ -93,194 +121,7 @@ def _apply_preset(ctx: click.Context, param, name):
     callback=_apply_preset,
     help="Defaults from a named preset (paper, cpu, smoke); options given here win.",
 )
-@click.option(
-    "--data-dir",
-    type=click.Path(path_type=str),
-    help="Folder of the official files [default: $HIST_DATA or ~/.cache/hist/data].",
-)
-@click.option("--synthetic-size", default=Config.synthetic_size, help="Training images of the synthetic dataset.")
-@click.option(
-    "--synthetic-test-size",
-    default=Config.synthetic_test_size,
-    help="Test images of the synthetic dataset (0 = a quarter of --synthetic-size, at least 256).",
-)
-@click.option(
-    "--arch",
-    default=None,
-    help="hist.models.ARCHS [default: preact_resnet101 for 32x32 sets, imagenet_preact_resnet101 for image folders].",
-)
-@click.option("--width", default=Config.width, help="Channel multiplier (small for CPU runs).")
-@click.option("--method", default=Config.method, type=click.Choice(choices.METHODS))
-@click.option("--subnets", default=Config.subnets, help="IST subnetworks (0 = one per process).")
-@click.option("--min-depth", default=Config.min_depth, help="Least partitioned blocks per subnetwork.")
-@click.option(
-    "--balance",
-    default=Config.balance,
-    type=click.Choice(choices.BALANCES),
-    help="ist: none (even block counts) or speed (a slower subnetwork gets fewer blocks, so every rank ends its round together).",
-)
-@click.option("--aggregate", default=Config.aggregate, type=click.Choice(choices.AGGREGATES))
-@click.option(
-    "--shared-precision",
-    default=Config.shared_precision,
-    type=click.Choice(choices.SHARED_PRECISIONS),
-    help="ist/local-sgd: what the round's average of the shared parameters (local-sgd: the whole model) and "
-    "their momentum sends: fp32 weights, the fp16 change, or the change packed in int8/int4 with error feedback.",
-)
-@click.option(
-    "--shared-topk",
-    default=Config.shared_topk,
-    type=float,
-    help="ist/local-sgd: send only this fraction of the round's change, the largest of each chunk of 256, "
-    "with error feedback (0 = all).",
-)
-@click.option(
-    "--block-precision",
-    default=Config.block_precision,
-    type=click.Choice(choices.BLOCK_PRECISIONS),
-    help="ist: deliver blocks as their change since the last full synchronisation in fp16 or int8 "
-    "(sender and receivers keep the decoded bits).",
-)
-@click.option(
-    "--optimizer-state",
-    default=Config.optimizer_state,
-    type=click.Choice(choices.OPTIMIZER_STATES),
-    help="ist/local-sgd: restart SGD momentum every round, or average it with the weights.",
-)
-@click.option(
-    "--outer-lr",
-    default=Config.outer_lr,
-    help="ist/local-sgd: outer step on the round's change (1 = plain aggregation).",
-)
-@click.option(
-    "--outer-momentum", default=Config.outer_momentum, help="ist/local-sgd: Nesterov momentum of the outer step."
-)
-@click.option(
-    "--warmup-local-sgd-epochs",
-    default=Config.warmup_local_sgd_epochs,
-    help="ist: local SGD on the full model for this many epochs first.",
-)
-@click.option("--local-iters", default=Config.local_iters, help="Local steps per round.")
-@click.option(
-    "--round-schedule",
-    default=Config.round_schedule,
-    type=click.Choice(choices.ROUND_SCHEDULES),
-    help="Round lengths: constant (--local-iters), post-local (every step until the lr's first drop), "
-    "qsr (max(--local-iters, (alpha/lr)^2)).",
-)
-@click.option("--qsr-alpha", default=Config.qsr_alpha, help="qsr: alpha of the round length (alpha / lr)^2.")
-@click.option(
-    "--data-split",
-    default=Config.data_split,
-    type=click.Choice(choices.DATA_SPLITS),
-    help="shard: each epoch cut into per-rank shards (N ranks take 1/N of the steps); full: every rank passes "
-    "the whole set each epoch in its own order (the ResIST release).",
-)
-@click.option("--epochs", default=Config.epochs, help="Epochs of one rank's data (see --data-split).")
-@click.option("--batch-size", default=Config.batch_size, help="Batch per process.")
-@click.option("--lr", default=Config.lr, help="Peak learning rate.")
-@click.option("--momentum", default=Config.momentum)
-@click.option("--weight-decay", default=Config.weight_decay)
-@click.option("--schedule", default=Config.schedule, type=click.Choice(choices.SCHEDULES))
-@click.option("--warmup-epochs", default=Config.warmup_epochs, help="Linear warm-up from lr/10.")
-@click.option(
-    "--lr-scaling",
-    default=Config.lr_scaling,
-    type=click.Choice(choices.LR_SCALINGS),
-    help="linear: peak lr x processes (pair with --warmup-epochs).",
-)
-@click.option("--bn-batches", default=Config.bn_batches, help="Batches that recalibrate BatchNorm before evaluation.")
-@click.option(
-    "--eval-bn",
-    default=Config.eval_bn,
-    type=click.Choice(choices.EVAL_BNS),
-    help="recalibrate: BatchNorm statistics recomputed for the full model; batch: each test batch's own.",
-)
-@click.option(
-    "--test-scale",
-    default=Config.test_scale,
-    type=click.Choice(choices.TEST_SCALES),
-    help="IST at evaluation: auto scales each block by its training probability (1/S); none: unscaled.",
-)
-@click.option("--eval-every", default=Config.eval_every, help="Rounds between evaluations (0 = at the end).")
-@click.option(
-    "--eval-every-epochs",
-    default=Config.eval_every_epochs,
-    help="Also evaluate after every this many epochs (the same points in data for every process count).",
-)
-@click.option("--eval-batch-size", default=Config.eval_batch_size)
-@click.option(
-    "--noise-every",
-    default=Config.noise_every,
-    help="Rounds between gradient-noise-scale probes (0 = none); hist-report says how many GPUs pay.",
-)
-@click.option(
-    "--checkpoint-every",
-    default=Config.checkpoint_every,
-    help="Rounds between checkpoints (0 = on signal and at the end).",
-)
-@click.option("--checkpoint", type=click.Path(path_type=str), help="Checkpoint path [default: beside --out].")
-@click.option(
-    "--stop-signal",
-    default=Config.stop_signal,
-    type=click.Choice(choices.STOP_SIGNALS),
-    help="Signal that checkpoints and stops at the next round end (match #SBATCH --signal); SIGTERM always does.",
-)
-@click.option(
-    "--stop-after-rounds",
-    default=Config.stop_after_rounds,
-    help="Checkpoint and stop (exit 3), as on the signal, after this many rounds of this process (0 = never).",
-)
-@click.option("--crop", default=Config.crop, help="Image folders: training and evaluation crop in pixels.")
-@click.option("--eval-resize", default=Config.eval_resize, help="Image folders: shorter side before the centre crop.")
-@click.option("--workers", default=Config.workers, help="Image folders: decoding processes per rank.")
-@click.option("--resume", is_flag=True, help="Continue from the checkpoint if there is one.")
-@click.option("--seed", default=Config.seed)
-@click.option(
-    "--precision",
-    default=Config.precision,
-    type=click.Choice(choices.PRECISIONS),
-    help="Autocast of the forward pass; fp16 adds a gradient scaler agreed within each subnetwork.",
-)
-@click.option(
-    "--channels-last/--no-channels-last",
-    default=None,
-    help="NHWC memory layout for the model and the batches [default: on a CPU, where it is faster; off on a GPU].",
-)
-@click.option(
-    "--block-transport",
-    default=Config.block_transport,
-    type=click.Choice(choices.BLOCK_TRANSPORTS),
-    help="IST blocks over MPI: host (pinned buffers), device (CUDA-aware MPI), auto (device where possible).",
-)
-@click.option(
-    "--backend",
-    default=Config.backend,
-    type=click.Choice(choices.BACKENDS),
-    help="Multi-process engine: horovod (Horovod + MPI: horovodrun, mpirun, srun --mpi=pmix), torch "
-    "(torch.distributed: torchrun, srun), auto (the launcher's).",
-)
-@click.option(
-    "--overlap/--no-overlap",
-    default=Config.overlap,
-    help="IST: move blocks while the shared-parameter allreduce is in flight.",
-)
-@click.option("--device", default=Config.device, type=click.Choice(choices.DEVICES))
-@click.option(
-    "--share-gpus", is_flag=True, help="Allow several ranks on one GPU (otherwise refused: one rank per GPU)."
-)
-@click.option("--threads", default=Config.threads, help="Torch threads per process (0 = default).")
-@click.option(
-    "--log-every",
-    default=Config.log_every,
-    help="Seconds between progress lines (a bar on a terminal); 0 = none.",
-)
-@click.option(
-    "--tensorboard",
-    type=click.Path(path_type=str),
-    help="Folder for TensorBoard scalars (rank 0); the timing file stays the record.",
-)
-@click.option("--out", type=click.Path(path_type=str), help="Timing file [default: runs/<method>-<dataset>-np<N>.h5].")
+@config_options
 @user_errors("hist-train")
 def train(dataset, **options):
     """Train a pre-activation ResNet on DATASET (hist.choices.DATASETS): cifar10, cifar100, svhn,

@@ -24,7 +24,7 @@ from . import data as datasets
 from .choices import FOLDER_DATASETS, run_label
 from .comm import Sync, connect
 from .comm.traffic import traffic_precisions
-from .config import Config
+from .config import Config, identity_keys
 from .data.order import images_per_rank
 from .engine import Result, StopFlag, lr_scaling, peak_lr, train
 from .engine.precision import check_supported, prefers_channels_last
@@ -326,7 +326,7 @@ def run_training(cfg: Config) -> Result:
     sync.check_same(int.from_bytes(options_digest[:7], "little"), "options")
     lock = claim_outputs(sync, checked)
     identity = {
-        **{k: getattr(cfg, k) for k in ckpt.IDENTITY_KEYS if hasattr(cfg, k)},
+        **{k: getattr(cfg, k) for k in identity_keys()},
         "subnets": checked.subnets,
         "world_size": sync.size,
     }

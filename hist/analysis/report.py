@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..choices import METHODS, SINGLE
+from ..config import bookkeeping_keys
 from ..errors import HistError
 from ..io.timings import SCHEMA, Run, isolated, open_h5, read_checked
 from . import noise as noise_scale
@@ -151,22 +152,9 @@ def _base_key(run: Run) -> tuple:
     return (a["dataset"], a["arch"], float(a.get("width", 1.0)), a["method"], split_label(run), int(a["world_size"]))
 
 
-# Options that say where a run's files live or how it is watched, not what it trained or how
-# fast: runs that differ only in these (or in the seed, which a row averages over) share a row.
-BOOKKEEPING_OPTIONS = frozenset(
-    {
-        "seed",
-        "out",
-        "data_dir",
-        "resume",
-        "log_every",
-        "tensorboard",
-        "checkpoint",
-        "checkpoint_every",
-        "stop_signal",
-        "stop_after_rounds",
-    }
-)
+# Runs that differ only in where their files live or how they are watched (or in the seed,
+# which a row averages over) share a row.
+BOOKKEEPING_OPTIONS = bookkeeping_keys()
 
 
 def variants(runs: list[Run]) -> dict[int, str]:

@@ -18,32 +18,6 @@ import torch
 
 from ..errors import HistError, write_failure_cause
 
-# Keys that must match between a checkpoint and the run that resumes from it.
-IDENTITY_KEYS = (
-    "dataset",
-    "arch",
-    "width",
-    "method",
-    "subnets",
-    "min_depth",
-    "balance",
-    "aggregate",
-    "local_iters",
-    "round_schedule",
-    "qsr_alpha",
-    "batch_size",
-    "data_split",
-    "seed",
-    "world_size",
-    "synthetic_size",
-    "shared_precision",
-    "shared_topk",
-    "block_precision",
-    "optimizer_state",
-    "outer_lr",
-    "outer_momentum",
-    "warmup_local_sgd_epochs",
-)
 # What every hist checkpoint holds.
 REQUIRED_KEYS = ("model", "round", "wall_s", "identity")
 
@@ -92,7 +66,7 @@ def load(path: Path, identity: dict) -> dict:
             f"checkpoint {path} is not a hist-train checkpoint (no model/round/identity); "
             f"pass the file hist-train wrote, or delete it to start afresh"
         )
-    for key in IDENTITY_KEYS:
+    for key in identity:  # the caller's: the options its config declares part of a run's identity
         if state["identity"].get(key) != identity.get(key):
             raise HistError(
                 f"checkpoint {path} was written with {key}={state['identity'].get(key)!r}, "
