@@ -345,12 +345,13 @@ def test_report_fuzz_damaged_files_give_one_line_each(tmp_path):
 
 
 def test_report_with_only_damaged_files_fails_with_one_line(tmp_path):
-    from test_report import write_run
+    """In this process through the real command (the fuzz above keeps a real hist-report process)."""
+    from test_report import hist_report, write_run
 
     good = write_run(tmp_path / "good.h5", "single", 1, 4.0)
     bad = tmp_path / "bad.h5"
     bad.write_bytes(good.read_bytes()[:1000])
     good.unlink()
-    proc = subprocess.run([BIN / "hist-report", bad, "--no-figures"], capture_output=True, text=True, timeout=60)
+    proc = hist_report(bad, "--no-figures")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert any("hist-report: error" in l for l in proc.stderr.splitlines())
