@@ -383,6 +383,11 @@ def run_training(cfg: Config) -> Result:
         recorder.finish("interrupted" if result.stopped_early else "completed", result.wall_s)
     if lock is not None:
         lock.release()
+    if result.stopped_early:
+        # Stopped to be requeued: no rank exits (3) before rank 0's files are whole. Under srun
+        # --kill-on-bad-exit the first exit ends the step, and a task on another node may
+        # still be writing when it does.
+        sync.allgather(None)
     if not result.stopped_early:
         for line in summary(result, checked, cfg.tensorboard, sync.engine, traffic_of(cfg, sync.size)):
             log(line)

@@ -23,6 +23,15 @@
 # (the first host of the allocation, a port from the job id). HIST_BACKEND=horovod or unset: MPI.
 # Arguments after the template name go to hist-train: sbatch slurm/ist_2gpu.sbatch --epochs 2
 
+# "yes" if the timing file $2 was written at or after time $1 (seconds) and says the run
+# stopped early (status interrupted: checkpointed on the signal), else "no".
+hist_stopped_since() {
+  local when
+  when=$(stat -c %Y "$2" 2>/dev/null) || { echo no; return; }
+  [ "$when" -ge "$1" ] || { echo no; return; }
+  python -c 'import sys, h5py; print("yes" if h5py.File(sys.argv[1], "r").attrs.get("status") == "interrupted" else "no")' "$2" 2>/dev/null || echo no
+}
+
 hist_slurm_run() {
   local dataset=${DATASET:-cifar10} method=${METHOD:-ist} out_dir=${HIST_OUT_DIR:-runs}
   local ntasks=${SLURM_NTASKS:?run this inside a Slurm allocation (sbatch)}
@@ -66,8 +75,15 @@ hist_slurm_run() {
   if [ ${#stage[@]} -gt 0 ]; then
     "${stage[@]}" || { echo "hist: could not unpack HIST_STAGE=$HIST_STAGE into $data on every node"; return 2; }
   fi
-  local rc=0
+  local rc=0 started
+  started=$(date +%s)
   "${cmd[@]}" || rc=$?
+  if [ "$rc" != 0 ] && [ "$rc" != 3 ] && [ "$(hist_stopped_since "$started" "$out")" = yes ]; then
+    # On several nodes the first task to exit 3 ends the step (--kill-on-bad-exit) while the
+    # others are still exiting, and srun reports their signal instead. The timing file, whole
+    # before any rank exits, says whether this run stopped on the signal with its checkpoint.
+    rc=3
+  fi
   if [ "$rc" = 0 ] && [ ! -e "$out" ]; then
     # srun exits 0 when its tasks fail to launch (a PMIx or cgroup fault on the node): say so
     echo "hist: error: srun exited 0 but no task wrote $out: the tasks did not launch; see srun's errors above and slurmd's log on ${SLURM_JOB_NODELIST:-the node}"

@@ -8,7 +8,9 @@
 #   tools/hosts.sh exec HOST CMD...  CMD inside HOST's namespace, with HOST as its hostname (a UTS
 #                                  namespace of its own), as if logged in there.
 #   tools/hosts.sh rsh HOST CMD... the same, as Open MPI's remote agent (plm_rsh_agent) calls it:
-#                                  CMD arrives as words of one shell command line.
+#                                  CMD arrives as words of one shell command line; ssh's options
+#                                  are dropped. tools/hosts-ssh/ssh is this under ssh's name, for
+#                                  launchers that call ssh from PATH (horovodrun).
 #   tools/hosts.sh down            removes everything `up` made.
 #   tools/hosts.sh list            the hosts that are up, one "name address" a line.
 # Open MPI reaches the hosts with  mpirun --mca plm_rsh_agent "$PWD/tools/hosts.sh rsh" -H hist-h1:2,hist-h2:2
@@ -95,9 +97,18 @@ case "$cmd" in
     exec ip netns exec "$host" unshare --uts sh -c 'hostname "$0" && exec "$@"' "$host" "$@"
     ;;
   rsh)
-    # Open MPI: AGENT [options] HOST COMMAND-LINE (ssh-like; options such as -x are dropped)
-    while [ $# -gt 0 ] && [ "${1#-}" != "$1" ]; do shift; done
-    enter "${1:-}"; host=$1; shift
+    # Called as ssh is: [options] HOST [options] COMMAND-LINE, by Open MPI (plm_rsh_agent) and,
+    # through tools/hosts-ssh/ssh, by horovodrun; ssh's options (with the values of those that
+    # take one: -o X, -p N, -i FILE, ...) mean nothing here and are dropped.
+    host=
+    while [ $# -gt 0 ]; do
+      case "$1" in
+        -[BbcDEeFIiJLlmOoPpQRSWw]) shift; [ $# -gt 0 ] && shift ;;
+        -*) shift ;;
+        *) [ -n "$host" ] && break; host=$1; shift ;;
+      esac
+    done
+    enter "$host"
     exec ip netns exec "$host" unshare --uts sh -c 'hostname "$0" && eval "$1"' "$host" "$*"
     ;;
   *) die "usage: tools/hosts.sh up N | exec HOST CMD... | rsh HOST CMD | down | list" ;;
