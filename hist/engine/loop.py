@@ -75,6 +75,263 @@ class GuardedWriter:
         return lambda *args, **kwargs: self.guard(lambda: method(*args, **kwargs))
 
 
+@dataclass
+class RoundEnd:
+    """What every rank agreed on at a round's end, from one allreduce."""
+
+    stop: bool  # a stop was requested on some rank (signal, --stop-after-rounds)
+    diverged: list[int]  # ranks whose round loss is not finite
+    data_s: list[float]  # every rank's data seconds so far (for the method's `observe_round`)
+    compute_s: list[float]  # every rank's compute seconds so far
+
+    @classmethod
+    def agree(cls, sync: Synchroniser, stop: bool, loss: float, so_far: dict) -> RoundEnd:
+        n, mine = sync.size, [i == sync.rank for i in range(sync.size)]
+        summed = sync.sum_over_world(
+            [float(stop)]
+            + [float(m and not math.isfinite(loss)) for m in mine]
+            + [so_far.get("data", 0.0) * m for m in mine]
+            + [so_far.get("compute", 0.0) * m for m in mine]
+        )
+        return cls(
+            stop=summed[0] > 0,
+            diverged=[i for i in range(n) if summed[1 + i] > 0],
+            data_s=list(summed[1 + n : 1 + 2 * n]),
+            compute_s=list(summed[1 + 2 * n : 1 + 3 * n]),
+        )
+
+
+@dataclass
+class RoundReport:
+    """One round's figures, made once and handed to every observer (rank 0)."""
+
+    round: int  # 0-based
+    steps: int
+    epoch: float
+    wall_s: float  # since the run began
+    round_s: float  # wall time of this round, evaluations of the previous one included
+    per_rank: dict  # each RoundStats field: a list over ranks
+    lr: float
+    blocks: list[int] | None  # partitioned blocks per subnetwork (None: the full model)
+    images: int  # all ranks
+
+    @property
+    def phase_sums(self) -> dict:
+        return {k: float(sum(self.per_rank[f"{k}_s"])) for k in ("data", "compute", "sync")}
+
+    @property
+    def mean_loss(self) -> float:
+        return sum(self.per_rank["loss"]) / len(self.per_rank["loss"])
+
+
+def round_observers(writer: GuardedWriter, totals: dict, progress) -> list:
+    """Where a round's report goes: the timing file (and TensorBoard), the totals the end-of-run
+    block reads, the progress lines."""
+
+    def record(rep: RoundReport) -> None:
+        writer.add_round(rep.round, rep.steps, rep.epoch, rep.wall_s, rep.per_rank, lr=rep.lr, blocks=rep.blocks)
+
+    def add_up(rep: RoundReport) -> None:
+        size = len(rep.per_rank["loss"])
+        totals["images"] += rep.images
+        totals["rounds"] += 1
+        totals["busy_s"] += sum(rep.phase_sums.values()) / size
+        totals["sync_s"] += rep.phase_sums["sync"] / size
+        totals["bytes"] += sum(rep.per_rank["bytes_sent"])
+
+    def show(rep: RoundReport) -> None:
+        progress.update(
+            rep.round + 1, rep.epoch, rep.wall_s, rep.round_s, rep.mean_loss, rep.lr, rep.images, rep.phase_sums
+        )
+
+    return [record, add_up] + ([show] if progress is not None else [])
+
+
+class Run:
+    """A run's rounds, one phase to a method: train a round's steps, agree on its end, aggregate,
+    report, then evaluate, probe and checkpoint as the options ask."""
+
+    def __init__(self, cfg, model, method, sync, train_data, test_data, peak, recorder, save_checkpoint, log,
+                 stop, identity, progress):  # fmt: skip
+        self.cfg, self.model, self.method, self.sync = cfg, model, method, sync
+        self.train_data, self.test_data, self.peak = train_data, test_data, peak
+        self.save_checkpoint, self.log, self.identity = save_checkpoint, log, identity
+        self.device = next(model.parameters()).device
+        self.stop = stop or StopFlag(cfg.stop_signal)
+        self.steps_per_epoch = train_data.steps_per_epoch
+        self.starts = round_starts(cfg, self.steps_per_epoch, peak)
+        self.total_steps, self.n_rounds = self.starts[-1], len(self.starts) - 1
+        self.precision = Precision(cfg.precision, self.device)
+        self.clock = PhaseClock(self.device)
+        self.step = TrainStep(model, method, self.precision, self.clock)
+        self.writer = GuardedWriter(recorder)
+        self.result = Result(self.n_rounds, None, None, 0.0)
+        watched = recorder is not None or progress is not None
+        self.observers = round_observers(self.writer, self.result.totals, progress) if watched else []
+        self.t0 = time.perf_counter()  # restarted by `begin`
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def begin(self, resume_state: dict | None) -> int:
+        """The round to start from: a checkpoint's, or 0 with every rank holding rank 0's model.
+        The run's clock starts here, carrying on from a checkpoint's wall time."""
+        start_round, wall_before = 0, 0.0
+        if resume_state is None:
+            self.sync.broadcast_model(self.model)
+        else:
+            self.model.load_state_dict(resume_state["model"])
+            if resume_state.get("optimizer") is not None:
+                self.method.optimizer.load_state_dict(resume_state["optimizer"])
+            self.method.load_state_dict(resume_state.get("method") or {})
+            self.precision.load_state(resume_state.get("precision"), self.sync.rank)
+            start_round, wall_before = resume_state["round"], resume_state["wall_s"]
+            self.log(f"resuming from the checkpoint at round {start_round}")
+        self.t0 = time.perf_counter() - wall_before
+        return start_round
+
+    def evaluate_model(self):
+        cfg = self.cfg
+        with self.precision.autocast():
+            # BatchNorm calibration batches are made afresh each time (at 224 pixels, keeping
+            # them would hold bn_batches full batches on the device for the whole run).
+            calibration = self.train_data.calibration_batches(cfg.bn_batches)
+            scale = self.method.eval_scale() if cfg.test_scale == "auto" else 1.0
+            return evaluate(self.model, self.test_data, calibration, self.sync, scale, cfg.eval_batch_size, cfg.eval_bn)
+
+    def train_round(self, r: int, stats: RoundStats) -> None:
+        """Round r's steps; the mean loss is read once a round, not once a step."""
+        first, last = self.starts[r], self.starts[r + 1]
+        loss_sum = torch.zeros((), device=self.device)
+        for step in range(first, last):
+            x, y = self.train_data.batch(step)
+            self.clock.lap("data")
+            self.step.set_lr(lr_at(step, self.total_steps, self.steps_per_epoch, self.cfg, self.peak))
+            loss_sum += self.step(x, y).float()
+        stats.loss = loss_sum.item() / (last - first)
+
+    def due(self, r: int, stop: bool) -> dict:
+        """What round r's end must do besides aggregating: evaluate, checkpoint, probe the noise."""
+        cfg, first, last = self.cfg, self.starts[r], self.starts[r + 1]
+        final = r == self.n_rounds - 1
+        evaluate_now = (
+            final
+            or (cfg.eval_every and (r + 1) % cfg.eval_every == 0)
+            or (
+                cfg.eval_every_epochs
+                and math.floor(last / self.steps_per_epoch / cfg.eval_every_epochs)
+                > math.floor(first / self.steps_per_epoch / cfg.eval_every_epochs)
+            )
+        )
+        checkpoint_now = stop or final or (cfg.checkpoint_every and (r + 1) % cfg.checkpoint_every == 0)
+        probe_now = cfg.noise_every and (r + 1) % cfg.noise_every == 0
+        return {"final": final, "evaluate": bool(evaluate_now), "checkpoint": bool(checkpoint_now),
+                "probe": bool(probe_now)}  # fmt: skip
+
+    def report(self, r: int, stats: RoundStats, round_s: float, wall: float) -> None:
+        """Gather every rank's figures (a collective) and hand rank 0's report to the observers."""
+        gathered = self.sync.gather(stats)
+        if not self.observers:
+            return
+        steps = self.starts[r + 1] - self.starts[r]
+        per_rank = {k: [getattr(s, k) for s in gathered] for k in RoundStats.__dataclass_fields__}
+        rep = RoundReport(r, steps, self.starts[r + 1] / self.steps_per_epoch, wall, round_s, per_rank, self.step.lr,
+                          self.method.blocks_per_subnet(), steps * self.cfg.batch_size * self.sync.size)  # fmt: skip
+        for observe in self.observers:
+            observe(rep)
+
+    def probe(self, r: int) -> None:
+        """The gradient noise scale's two norms, on the global model (not timed in the round)."""
+        k = (r + 1) // self.cfg.noise_every
+        x, y = next(iter(self.train_data.calibration_batches(1, first=k * self.sync.size + self.sync.rank)))
+        probe = probe_noise(self.model, x, y, self.method.eval_scale(), self.sync)
+        epoch = self.starts[r + 1] / self.steps_per_epoch
+        self.writer.add_noise(r, epoch, probe.small_batch, probe.big_batch, probe.small_sq, probe.big_sq)
+
+    def evaluation(self, r: int, train_loss: float) -> None:
+        loss, acc, top5 = self.evaluate_model()
+        self.result.final_loss, self.result.final_accuracy, self.result.final_top5 = loss, acc, top5
+        epoch = self.starts[r + 1] / self.steps_per_epoch
+        self.writer.add_eval(r, epoch, self.elapsed(), loss, acc, top5)
+        self.log(
+            f"round {r + 1}/{self.n_rounds} epoch {epoch:.2f} train loss {train_loss:.4f} "
+            f"test loss {loss:.4f} test accuracy {acc:.2f}% (top-5 {top5:.2f}%)"
+        )
+
+    def checkpoint(self, r: int, now: bool) -> None:
+        scaler_states = self.precision.gather_state(self.sync) if now else None  # collective
+        if now and self.save_checkpoint is not None:
+            method = self.method
+            self.writer.guard(
+                self.save_checkpoint,
+                {
+                    "model": self.model.state_dict(),
+                    "optimizer": method.optimizer.state_dict() if method.keeps_optimizer_state else None,
+                    "method": method.state_dict(),
+                    "precision": scaler_states,
+                    "round": r + 1,
+                    "wall_s": self.elapsed(),
+                    "identity": self.identity,
+                    "config": self.cfg.as_dict(),
+                },
+            )
+
+    def diverged(self, r: int, ranks: list[int]) -> CollectiveError:
+        self.writer.finish("diverged", self.elapsed())
+        return CollectiveError(
+            f"training diverged in round {r + 1} (epoch {self.starts[r + 1] / self.steps_per_epoch:.2f}): the loss on "
+            f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))} is not finite; "
+            f"nothing of this round was kept (the timing file has the good rounds, status 'diverged'"
+            f", the last checkpoint, if any, is unchanged); "
+            f"try a lower --lr or a --warmup-epochs of 1 or more"
+        )
+
+    def run(self, start_round: int) -> Result:
+        result, clock, sync, method = self.result, self.clock, self.sync, self.method
+        if start_round >= self.n_rounds:  # resuming a run that had finished: report its model again
+            result.final_loss, result.final_accuracy, result.final_top5 = self.evaluate_model()
+            self.log(f"the checkpoint is already at the last round ({self.n_rounds}); nothing left to train")
+        last_wall = self.elapsed()
+        for r in range(start_round, self.n_rounds):
+            stats = RoundStats()
+            sync.traffic.take()  # the round's byte count starts at zero
+            clock.start()
+            method.begin_round(r)
+            clock.lap("sync")
+            self.train_round(r, stats)
+            end = RoundEnd.agree(sync, self.stop.raised, stats.loss, clock.read())
+            method.observe_round(self.starts[r + 1] - self.starts[r], end.data_s, end.compute_s)
+            if end.diverged:
+                raise self.diverged(r, end.diverged)
+            due = self.due(r, end.stop)
+            method.end_round(r, full=due["evaluate"] or due["checkpoint"] or due["probe"])
+            clock.lap("sync")
+            phases = clock.read()
+            stats.data_s, stats.compute_s, stats.sync_s = (phases.get(k, 0.0) for k in ("data", "compute", "sync"))
+            stats.bytes_sent, stats.bytes_received = (int(v) for v in sync.traffic.take())
+            wall = self.elapsed()
+            self.report(r, stats, wall - last_wall, wall)
+            last_wall = wall
+            if due["probe"]:
+                self.probe(r)
+            if due["evaluate"]:
+                self.evaluation(r, stats.loss)
+            self.checkpoint(r, due["checkpoint"])
+            # Ranks agree on rank 0's writes, so a full disk ends every rank, none waits.
+            if sync.any_over_world(self.writer.error is not None):
+                raise CollectiveError(
+                    str(self.writer.error) if self.writer.error else "rank 0 could not write its files"
+                )
+            if end.stop and not due["final"]:
+                result.stopped_early = True
+                self.log(
+                    f"stopping at round {r + 1} on a signal or --stop-after-rounds; checkpoint written, resume with --resume"
+                )
+                break
+        result.wall_s = self.elapsed()
+        return result
+
+
 def train(
     cfg: Config,
     model: PreActResNet,
@@ -97,157 +354,6 @@ def train(
     only) a checkpoint's state, `progress` (rank 0 only, `engine.progress.Progress`) each
     round's figures for the log; all None elsewhere.
     """
-    device = next(model.parameters()).device
-    stop = stop or StopFlag(cfg.stop_signal)
-    steps_per_epoch = train_data.steps_per_epoch
-    starts = round_starts(cfg, steps_per_epoch, peak)
-    total_steps, n_rounds = starts[-1], len(starts) - 1
-    optimizer = method.optimizer
-    precision = Precision(cfg.precision, device)
-    start_round, wall_before = 0, 0.0
-    if resume_state is not None:
-        model.load_state_dict(resume_state["model"])
-        if resume_state.get("optimizer") is not None:
-            optimizer.load_state_dict(resume_state["optimizer"])
-        method.load_state_dict(resume_state.get("method") or {})
-        precision.load_state(resume_state.get("precision"), sync.rank)
-        start_round, wall_before = resume_state["round"], resume_state["wall_s"]
-        log(f"resuming from the checkpoint at round {start_round}")
-    else:
-        sync.broadcast_model(model)
-    t0 = time.perf_counter() - wall_before
-
-    def evaluate_model():
-        with precision.autocast():
-            # BatchNorm calibration batches are made afresh each time (at 224 pixels, keeping
-            # them would hold bn_batches full batches on the device for the whole run).
-            calibration = train_data.calibration_batches(cfg.bn_batches)
-            scale = method.eval_scale() if cfg.test_scale == "auto" else 1.0
-            return evaluate(model, test_data, calibration, sync, scale, cfg.eval_batch_size, cfg.eval_bn)
-
-    result = Result(n_rounds, None, None, 0.0)
-    if start_round >= n_rounds:  # resuming a run that had finished: report its model again
-        result.final_loss, result.final_accuracy, result.final_top5 = evaluate_model()
-        log(f"the checkpoint is already at the last round ({n_rounds}); nothing left to train")
-    writer = GuardedWriter(recorder)
-    clock = PhaseClock(device)
-    train_step = TrainStep(model, method, precision, clock)
-
-    last_wall = time.perf_counter() - t0
-    for r in range(start_round, n_rounds):
-        stats = RoundStats()
-        sync.traffic.take()  # the round's byte count starts at zero
-        clock.start()
-        method.begin_round(r)
-        clock.lap("sync")
-        first, last = starts[r], starts[r + 1]
-        loss_sum = torch.zeros((), device=device)  # read once a round, not once a step
-        for step in range(first, last):
-            x, y = train_data.batch(step)
-            clock.lap("data")
-            train_step.set_lr(lr_at(step, total_steps, steps_per_epoch, cfg, peak))
-            loss_sum += train_step(x, y).float()
-        stats.loss = loss_sum.item() / (last - first)
-
-        # One allreduce carries the stop flag and, per rank, whether its loss is still finite and its
-        # data and compute seconds so far (for the method's `observe_round`, e.g. --balance speed).
-        so_far = clock.read()
-        mine = [i == sync.rank for i in range(sync.size)]
-        flags = sync.sum_over_world(
-            [float(stop.raised)]
-            + [float(m and not math.isfinite(stats.loss)) for m in mine]
-            + [so_far.get("data", 0.0) * m for m in mine]
-            + [so_far.get("compute", 0.0) * m for m in mine]
-        )
-        n = sync.size
-        method.observe_round(last - first, flags[1 + n : 1 + 2 * n], flags[1 + 2 * n : 1 + 3 * n])
-        stop_now = flags[0] > 0
-        diverged = [i for i in range(n) if flags[1 + i] > 0]
-        if diverged:
-            writer.finish("diverged", time.perf_counter() - t0)
-            raise CollectiveError(
-                f"training diverged in round {r + 1} (epoch {last / steps_per_epoch:.2f}): the loss on "
-                f"rank{'s' if len(diverged) > 1 else ''} {', '.join(map(str, diverged))} is not finite; "
-                f"nothing of this round was kept (the timing file has the good rounds, status 'diverged'"
-                f", the last checkpoint, if any, is unchanged); "
-                f"try a lower --lr or a --warmup-epochs of 1 or more"
-            )
-        final = r == n_rounds - 1
-        evaluate_now = (
-            final
-            or (cfg.eval_every and (r + 1) % cfg.eval_every == 0)
-            or (
-                cfg.eval_every_epochs
-                and math.floor(last / steps_per_epoch / cfg.eval_every_epochs)
-                > math.floor(first / steps_per_epoch / cfg.eval_every_epochs)
-            )
-        )
-        checkpoint_now = stop_now or final or (cfg.checkpoint_every and (r + 1) % cfg.checkpoint_every == 0)
-        probe_now = cfg.noise_every and (r + 1) % cfg.noise_every == 0
-        planned = evaluate_now or probe_now or (cfg.checkpoint_every and (r + 1) % cfg.checkpoint_every == 0)
-        method.end_round(r, full=bool(planned or stop_now), stop_only=bool(stop_now and not planned))
-        clock.lap("sync")
-        phases = clock.read()
-        stats.data_s, stats.compute_s, stats.sync_s = (phases.get(k, 0.0) for k in ("data", "compute", "sync"))
-        stats.bytes_sent, stats.bytes_received = (int(v) for v in sync.traffic.take())
-
-        wall = time.perf_counter() - t0
-        epoch = last / steps_per_epoch
-        gathered = sync.gather(stats)
-        if recorder is not None or progress is not None:
-            per_rank = {k: [getattr(s, k) for s in gathered] for k in RoundStats.__dataclass_fields__}
-            writer.add_round(
-                r, last - first, epoch, wall, per_rank, lr=train_step.lr, blocks=method.blocks_per_subnet()
-            )
-            t = result.totals
-            t["images"] += (last - first) * cfg.batch_size * sync.size
-            t["rounds"] += 1
-            t["busy_s"] += sum(sum(per_rank[f"{k}_s"]) for k in ("data", "compute", "sync")) / sync.size
-            t["sync_s"] += sum(per_rank["sync_s"]) / sync.size
-            t["bytes"] += sum(per_rank["bytes_sent"])
-            if progress is not None:
-                phase_sums = {k: float(sum(per_rank[f"{k}_s"])) for k in ("data", "compute", "sync")}
-                images = (last - first) * cfg.batch_size * sync.size
-                mean_loss = sum(per_rank["loss"]) / len(per_rank["loss"])
-                progress.update(r + 1, epoch, wall, wall - last_wall, mean_loss, train_step.lr, images, phase_sums)
-        last_wall = wall
-        if probe_now:  # the gradient noise scale's two norms, on the global model (not timed in the round)
-            k = (r + 1) // cfg.noise_every
-            x, y = next(iter(train_data.calibration_batches(1, first=k * sync.size + sync.rank)))
-            probe = probe_noise(model, x, y, method.eval_scale(), sync)
-            writer.add_noise(r, epoch, probe.small_batch, probe.big_batch, probe.small_sq, probe.big_sq)
-        if evaluate_now:
-            loss, acc, top5 = evaluate_model()
-            result.final_loss, result.final_accuracy, result.final_top5 = loss, acc, top5
-            writer.add_eval(r, epoch, time.perf_counter() - t0, loss, acc, top5)
-            log(
-                f"round {r + 1}/{n_rounds} epoch {epoch:.2f} train loss {stats.loss:.4f} "
-                f"test loss {loss:.4f} test accuracy {acc:.2f}% (top-5 {top5:.2f}%)"
-            )
-        scaler_states = precision.gather_state(sync) if checkpoint_now else None  # collective
-        method_state = method.state_dict() if checkpoint_now else None  # collective
-        if checkpoint_now and save_checkpoint is not None:
-            writer.guard(
-                save_checkpoint,
-                {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict() if method.keeps_optimizer_state else None,
-                    "method": method_state,
-                    "precision": scaler_states,
-                    "round": r + 1,
-                    "wall_s": time.perf_counter() - t0,
-                    "identity": identity,
-                    "config": cfg.as_dict(),
-                },
-            )
-        # Ranks agree on rank 0's writes, so a full disk ends every rank, none waits.
-        if sync.any_over_world(writer.error is not None):
-            raise CollectiveError(str(writer.error) if writer.error else "rank 0 could not write its files")
-        if stop_now and not final:
-            result.stopped_early = True
-            log(
-                f"stopping at round {r + 1} on a signal or --stop-after-rounds; checkpoint written, resume with --resume"
-            )
-            break
-    result.wall_s = time.perf_counter() - t0
-    return result
+    run = Run(cfg, model, method, sync, train_data, test_data, peak, recorder, save_checkpoint, log, stop, identity,
+              progress)  # fmt: skip
+    return run.run(run.begin(resume_state))
