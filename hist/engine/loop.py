@@ -223,10 +223,13 @@ class Run:
                 > math.floor(first / self.steps_per_epoch / cfg.eval_every_epochs)
             )
         )
-        checkpoint_now = stop or final or (cfg.checkpoint_every and (r + 1) % cfg.checkpoint_every == 0)
+        scheduled = cfg.checkpoint_every and (r + 1) % cfg.checkpoint_every == 0
+        checkpoint_now = stop or final or scheduled
         probe_now = cfg.noise_every and (r + 1) % cfg.noise_every == 0
+        # a full synchronisation for the stop alone: a run resumed from it goes on as if it had not been
+        stop_only = stop and not (evaluate_now or probe_now or scheduled)
         return {"final": final, "evaluate": bool(evaluate_now), "checkpoint": bool(checkpoint_now),
-                "probe": bool(probe_now)}  # fmt: skip
+                "probe": bool(probe_now), "stop_only": bool(stop_only)}  # fmt: skip
 
     def report(self, r: int, stats: RoundStats, round_s: float, wall: float) -> None:
         """Gather every rank's figures (a collective) and hand rank 0's report to the observers."""
@@ -260,6 +263,7 @@ class Run:
 
     def checkpoint(self, r: int, now: bool) -> None:
         scaler_states = self.precision.gather_state(self.sync) if now else None  # collective
+        method_state = self.method.state_dict() if now else None  # collective: per-rank residuals
         if now and self.save_checkpoint is not None:
             method = self.method
             self.writer.guard(
@@ -267,7 +271,7 @@ class Run:
                 {
                     "model": self.model.state_dict(),
                     "optimizer": method.optimizer.state_dict() if method.keeps_optimizer_state else None,
-                    "method": method.state_dict(),
+                    "method": method_state,
                     "precision": scaler_states,
                     "round": r + 1,
                     "wall_s": self.elapsed(),
@@ -304,7 +308,8 @@ class Run:
             if end.diverged:
                 raise self.diverged(r, end.diverged)
             due = self.due(r, end.stop)
-            method.end_round(r, full=due["evaluate"] or due["checkpoint"] or due["probe"])
+            full = due["evaluate"] or due["checkpoint"] or due["probe"]
+            method.end_round(r, full=full, stop_only=due["stop_only"])
             clock.lap("sync")
             phases = clock.read()
             stats.data_s, stats.compute_s, stats.sync_s = (phases.get(k, 0.0) for k in ("data", "compute", "sync"))
