@@ -31,3 +31,22 @@ def pytest_collection_modifyitems(items):
         if "slurm" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slurm)
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory):
+    """finished_run(*ARGS): the timing file of `hist-train ARGS` at 2 ranks, run once a session,
+    for the tests that compare their own runs with the same plain one (test_noise, test_train)."""
+    from helpers import BIN, mpirun
+
+    made = {}
+
+    def get(*args):
+        key = tuple(str(a) for a in args)
+        if key not in made:
+            out = tmp_path_factory.mktemp("finished") / "run.h5"
+            mpirun(2, BIN / "hist-train", *key, "--out", out)
+            made[key] = out
+        return made[key]
+
+    return get

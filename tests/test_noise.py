@@ -47,13 +47,14 @@ def test_process_counts_that_pay_stop_at_the_critical_batch():
 @pytest.mark.multiprocess
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["dp", "ist"])
-def test_probes_measure_on_every_rank_and_change_nothing_of_the_training(tmp_path, method):
+def test_probes_measure_on_every_rank_and_change_nothing_of_the_training(tmp_path, method, finished_run):
     """dp (Horovod's hooks must not fire on a probe) and IST (a probe round syncs the whole model):
-    the run with probes trains exactly like the one without; hist-report states and draws B_simple."""
-    args = [BIN / "hist-train", "synthetic", "--epochs", "2", *TINY, "--method", method]
+    the run with probes trains exactly like the one without (the plain run is shared with
+    test_train's bf16 test); hist-report states and draws B_simple."""
+    plain_args = ["synthetic", "--epochs", "3", *TINY, "--method", method]
+    args = [BIN / "hist-train", *plain_args]
     mpirun(2, *args, "--noise-every", "2", "--out", tmp_path / "probed.h5")
-    mpirun(2, *args, "--out", tmp_path / "plain.h5")
-    probed, plain = rounds(tmp_path / "probed.h5"), rounds(tmp_path / "plain.h5")
+    probed, plain = rounds(tmp_path / "probed.h5"), rounds(finished_run(*plain_args))
     assert np.array_equal(probed[0]["loss"], plain[0]["loss"]) and np.array_equal(
         probed[1]["test_accuracy"], plain[1]["test_accuracy"]
     )
