@@ -255,9 +255,11 @@ def two_node_slurm(two_hosts, tmp_path_factory):
     why = available()
     if why:
         pytest.skip(f"no private Slurm: {why}")
-    cluster = Cluster(tmp_path_factory.mktemp("slurm2"), gpus=4, cpus=16, hosts=two_hosts).start()
-    yield cluster
-    cluster.stop()
+    cluster = Cluster(tmp_path_factory.mktemp("slurm2"), gpus=4, cpus=16, hosts=two_hosts)
+    try:  # a daemon that fails to start must not leave the others running
+        yield cluster.start()
+    finally:
+        cluster.stop()
 
 
 @pytest.mark.slow
