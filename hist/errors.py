@@ -11,6 +11,20 @@ class HistError(Exception):
     """An error caused by input or environment, reported without a traceback."""
 
 
+class BlockError(HistError, ValueError):
+    """hist.IST's blocks cannot work as given (none, listed twice, nested, outside the model, a
+    shape that changes, more subnetworks than blocks): one line naming the module."""
+
+
+class OptionError(HistError, ValueError):
+    """A keyword argument of hist.IST or hist.LocalSGD that cannot work: one line naming it."""
+
+
+class ArgumentTypeError(HistError, TypeError):
+    """An argument of hist.IST or hist.LocalSGD of the wrong kind (a model that is not a module,
+    an optimizer whose state hist cannot aggregate): one line naming it."""
+
+
 class CollectiveError(HistError):
     """Raised on every rank at once after the ranks agreed on it (a diverged loss, a failed
     write, a clashing run): rank 0 prints the line, the other ranks exit quietly."""

@@ -27,14 +27,24 @@ def total_steps(cfg: Config, steps_per_epoch: int) -> int:
     return max(1, math.ceil(cfg.epochs * steps_per_epoch))
 
 
+def length_of_round(
+    schedule: str, step: int, local_iters: int, lr: float | None = None, qsr_alpha: float = 0.1, switch: int = 0
+) -> int:
+    """Steps of the round that starts at `step` under `schedule`, from what the round's start
+    knows: its learning rate (qsr) and post-local's switch step. Pure: hist-train's schedule
+    below and hist.IST (the optimizer's rate) both read it."""
+    if schedule == "post-local":
+        return 1 if step < switch else local_iters
+    if schedule == "qsr":
+        return max(local_iters, math.floor((qsr_alpha / lr) ** 2 + 1e-9))  # not 399 for 0.2/0.01
+    return local_iters
+
+
 def round_length(step: int, total: int, steps_per_epoch: int, cfg: Config, peak: float) -> int:
     """Steps of the round that starts at `step`."""
-    if cfg.round_schedule == "post-local":
-        return 1 if step < math.ceil(POST_LOCAL_SWITCH * total) else cfg.local_iters
-    if cfg.round_schedule == "qsr":
-        lr = lr_at(step, total, steps_per_epoch, cfg, peak)
-        return max(cfg.local_iters, math.floor((cfg.qsr_alpha / lr) ** 2 + 1e-9))  # not 399 for 0.2/0.01
-    return cfg.local_iters
+    lr = lr_at(step, total, steps_per_epoch, cfg, peak) if cfg.round_schedule == "qsr" else None
+    switch = math.ceil(POST_LOCAL_SWITCH * total)
+    return length_of_round(cfg.round_schedule, step, cfg.local_iters, lr, cfg.qsr_alpha, switch)
 
 
 def round_starts(cfg: Config, steps_per_epoch: int, peak: float) -> list[int]:
