@@ -45,6 +45,7 @@ def test_byte_accounting_of_collectives():
     t.allreduce(1000, 4)
     t.broadcast(100, 3, is_root=True)
     assert t.take() == (1500 + 200, 1500)
-    sent, received = round_bytes(make_plan(0, 0, 22, 2), None, 1, "copy", [10] * 22, 1000)
+    # sizes in fp32 bytes (whole float32 values, as round_bytes counts them)
+    sent, received = round_bytes(make_plan(0, 0, 22, 2), None, 1, "copy", [40] * 22, 1000)
     # shared: 2 ranks x 1000 (ring 2(k-1)/k); blocks: each owner sends its 11 blocks once
-    assert sent == 2 * 1000 + 22 * 10 and received == sent
+    assert sent == 2 * 1000 + 22 * 40 and received == sent
