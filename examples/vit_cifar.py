@@ -138,7 +138,7 @@ def main(argv=None):
     p.add_argument("--test-images", type=int, default=0, help="first N test images (0: all)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log", type=Path, help="rank 0 appends one JSON line per epoch here")
+    p.add_argument("--results", type=Path, help="rank 0 appends one JSON line per epoch here")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -198,8 +198,8 @@ def main(argv=None):
         }
         if rank == 0:
             print(json.dumps(line), flush=True)
-            if args.log:
-                with open(args.log, "a") as f:
+            if args.results:
+                with open(args.results, "a") as f:
                     f.write(json.dumps({**line, "args": {k: str(v) for k, v in vars(args).items()}}) + "\n")
     return line
 

@@ -40,9 +40,11 @@ def _params(launcher):
 
 
 @pytest.mark.parametrize("launcher", [_params(k) for k in LAUNCHERS])
-def test_vit_cifar(launcher, cifar_sample):
-    proc = LAUNCHERS[launcher](*VIT, "--data-dir", cifar_sample, *VIT_TINY, "--local-iters", "2")
+def test_vit_cifar(launcher, cifar_sample, tmp_path):
+    results = tmp_path / "results.jsonl"  # a flag horovodrun does not take for its own
+    proc = LAUNCHERS[launcher](*VIT, "--data-dir", cifar_sample, *VIT_TINY, "--local-iters", "2", "--results", results)
     _check(proc, launcher, "test_accuracy")
+    assert [json.loads(line)["epoch"] for line in results.read_text().splitlines()] == [1]
 
 
 @pytest.mark.parametrize("launcher", [_params(k) for k in LAUNCHERS])
