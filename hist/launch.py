@@ -391,6 +391,7 @@ def run_training(cfg: Config) -> Result:
     if not result.stopped_early:
         for line in summary(result, checked, cfg.tensorboard, sync.engine, traffic_of(cfg, sync.size)):
             log(line)
+    sync.close()
     return result
 
 

@@ -68,6 +68,9 @@ class LocalSynchroniser:
     def any_over_world(self, flag: bool) -> bool:
         return bool(flag)
 
+    def close(self) -> None:
+        pass
+
     def check_same(self, value: int, what: str) -> None:
         pass
 

@@ -435,6 +435,9 @@ class Synchroniser:
         """True on every rank if `flag` is true on any (MPI: no Horovod cycle to wait for)."""
         return bool(self.world.allreduce(bool(flag), op=self.MPI.LOR)) if self.size > 1 else bool(flag)
 
+    def close(self) -> None:
+        """Nothing: Horovod and MPI shut down at the process's exit."""
+
     def gather(self, obj):
         """Rank 0 gets a list of every rank's `obj`; the others get None."""
         return self.world.gather(obj, root=0)

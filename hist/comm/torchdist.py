@@ -355,6 +355,14 @@ class TorchSynchroniser:
         """True on every rank if `flag` is true on any."""
         return bool(self.sum_over_world([float(bool(flag))])[0]) if self.size > 1 else bool(flag)
 
+    def close(self) -> None:
+        """Every rank past its last collective, then the process group torn down: Gloo's threads
+        left to the interpreter's exit can abort a rank that finished ("terminate called
+        without an active exception")."""
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
     def gather(self, obj):
         """Rank 0 gets a list of every rank's `obj`; the others get None."""
         everyone = self.allgather(obj)
