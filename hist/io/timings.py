@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import pickle
+import random
 import select
 import signal
 import time
@@ -343,9 +344,11 @@ def read_run(path, timeout_s: float = 60.0) -> Run:
     return isolated(read_checked, path, timeout_s)
 
 
-# A read that meets the live writer's append (open_h5 takes no lock) is tried again, this often.
-LIVE_READ_ATTEMPTS = 20
-LIVE_READ_PAUSE_S = 0.1
+# A read that meets the live writer's append (open_h5 takes no lock) is tried again while the
+# run holds the file, for this long: a writer descheduled mid-append on a loaded node keeps the
+# file torn for seconds, and a fixed pause could fall in step with the writer's rounds.
+LIVE_READ_PATIENCE_S = 30.0
+LIVE_READ_PAUSE_S = (0.05, 0.25)
 
 
 class _Hung(HistError):
@@ -356,15 +359,16 @@ def isolated(reader, path, timeout_s: float = 60.0):
     """`reader(path)` in a forked child: a damaged file that crashes or hangs the HDF5 library
     ends the child, never the caller, and costs at most `timeout_s`. HistError passes through.
     A failed read of a file a live run holds (RunLock) met an append mid-way, and is tried again."""
-    for attempt in range(1, LIVE_READ_ATTEMPTS + 1):
+    give_up = time.monotonic() + LIVE_READ_PATIENCE_S
+    while True:
         try:
             return _isolated_once(reader, path, timeout_s)
         except _Hung:
             raise
         except HistError:
-            if attempt == LIVE_READ_ATTEMPTS or not held_by_a_run(path):
+            if time.monotonic() > give_up or not held_by_a_run(path):
                 raise
-            time.sleep(LIVE_READ_PAUSE_S)
+            time.sleep(random.uniform(*LIVE_READ_PAUSE_S))
 
 
 def _isolated_once(reader, path, timeout_s: float):
