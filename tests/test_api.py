@@ -131,6 +131,20 @@ def worker(out: Path, subnets: int = 0) -> None:
     ist3 = hist.IST(model, [f"body.{i}" for i in range(4)], optimizer, local_iters=3, subnets=subnets)
     train(model, optimizer, rank, 0, 13, scaler=scaler, autocast=True, overflow=1 + rank)  # rank 1 skips 2 steps
     results["adamw"] = (ist3.state_dict()["model"], ist3.step, ist3.round)
+    # IST with every compressed kind of traffic: the shared change in int4, top-k with error
+    # feedback, the blocks delivered in int8; saved mid-round at 10 and resumed
+    packed = dict(local_iters=4, subnets=subnets, shared_precision="int4", shared_topk=0.25, block_precision="int8")
+    model, optimizer = build(seed=rank)
+    ist4 = hist.IST(model, model.body, optimizer, **packed)
+    train(model, optimizer, rank, 0, 10)
+    saved = detached(ist4.state_dict())
+    train(model, optimizer, rank, 10, 22)
+    results["packed"] = detached(ist4.state_dict())["model"]
+    model, optimizer = build(seed=7)
+    ist5 = hist.IST(model, model.body, optimizer, **packed)
+    ist5.load_state_dict(saved)
+    train(model, optimizer, rank, 10, 22)
+    results["packed_resumed"] = ist5.state_dict()["model"]
     # local SGD with the same contract
     model, optimizer = build(seed=rank)
     local = hist.LocalSGD(model, optimizer, local_iters=5, optimizer_state="restart")
@@ -149,7 +163,7 @@ def _check_ranks(out: Path, engine: str, n: int = 2) -> None:
     r0 = ranks[0]
     assert {r["engine"] for r in ranks} == {engine} and r0["size"] == n
     for r in ranks[1:]:
-        for key in ("final", "resumed", "local"):
+        for key in ("final", "resumed", "local", "packed", "packed_resumed"):
             a, b = _floats(r0[key]), _floats(r[key])
             assert all(torch.equal(a[k], b[k]) for k in a), f"{key}: the ranks' weights differ"
         a, b = _floats(r0["adamw"][0]), _floats(r["adamw"][0])
@@ -157,6 +171,7 @@ def _check_ranks(out: Path, engine: str, n: int = 2) -> None:
         assert r["adamw"][1:] == r0["adamw"][1:] == (13, 4)  # skipped steps counted alike on every rank
     # the resumed run is the run, to the last bit
     assert all(torch.equal(r0["final"][k], r0["resumed"][k]) for k in r0["final"])
+    assert all(torch.equal(r0["packed"][k], r0["packed_resumed"][k]) for k in r0["packed"])
     # the subnetworks split the blocks: in each round, disjoint blocks (the same within a subnetwork)
     by_subnet = {r["subnet"]: r["plans"] for r in ranks}
     assert len(by_subnet) == 2 and all(r["plans"] == by_subnet[r["subnet"]] for r in ranks)
@@ -374,6 +389,9 @@ def test_bad_options_get_one_line():
         ({"round_schedule": "post-local"}, "post_local_steps"),
         ({"min_depth": 9}, "min_depth=9"),
         ({"min_depth": -1}, "min_depth=-1"),
+        ({"shared_topk": 1.0}, "shared_topk=1.0"),
+        ({"block_precision": "int4"}, "block_precision='int4'"),
+        ({"block_precision": "int8", "aggregate": "average"}, "aggregate='copy'"),
     ]:
         with pytest.raises(OptionError) as e:
             hist.IST(model, model.body, optimizer, **kwargs)

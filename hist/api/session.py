@@ -18,7 +18,15 @@ import weakref
 import torch
 from torch import nn
 
-from ..choices import AGGREGATES, BACKENDS, OPTIMIZER_STATES, ROUND_SCHEDULES, SHARED_PRECISIONS, TEST_SCALES
+from ..choices import (
+    AGGREGATES,
+    BACKENDS,
+    BLOCK_PRECISIONS,
+    OPTIMIZER_STATES,
+    ROUND_SCHEDULES,
+    SHARED_PRECISIONS,
+    TEST_SCALES,
+)
 from ..errors import ArgumentTypeError, BlockError, OptionError
 from .blocks import Switch, Switchboard, check_parameters, resolve_blocks
 
@@ -115,6 +123,8 @@ class _Rounds:
         outer_momentum,
         min_depth,
         shared_precision,
+        shared_topk,
+        block_precision,
         balance,
         round_schedule,
         qsr_alpha,
@@ -150,6 +160,15 @@ class _Rounds:
         _one_of(who, "aggregate", aggregate, AGGREGATES)
         _one_of(who, "optimizer_state", optimizer_state, OPTIMIZER_STATES)
         _one_of(who, "shared_precision", shared_precision, SHARED_PRECISIONS)
+        _one_of(who, "block_precision", block_precision, BLOCK_PRECISIONS)
+        _check(
+            who, 0 <= shared_topk < 1, f"shared_topk={shared_topk} must be a fraction in [0, 1) (0 sends every value)"
+        )
+        _check(
+            who,
+            block_precision == "fp32" or aggregate == "copy",
+            f"block_precision={block_precision!r} delivers each block from its one owner: it needs aggregate='copy'",
+        )
         _one_of(who, "round_schedule", round_schedule, ROUND_SCHEDULES)
         _one_of(who, "backend", backend, BACKENDS)
         _one_of(who, "test_scale", test_scale, TEST_SCALES)
@@ -214,6 +233,8 @@ class _Rounds:
             outer_lr=float(outer_lr),
             outer_momentum=float(outer_momentum),
             shared_precision=shared_precision,
+            shared_topk=float(shared_topk),
+            block_precision=block_precision,
             local_iters=local_iters,
             round_schedule=round_schedule,
             qsr_alpha=float(qsr_alpha),
@@ -511,6 +532,8 @@ class IST(_Rounds):
         outer_momentum: float = 0.0,
         min_depth: int = 0,
         shared_precision: str = "fp32",
+        shared_topk: float = 0.0,
+        block_precision: str = "fp32",
         balance: str = "none",
         round_schedule: str = "constant",
         qsr_alpha: float = 0.1,
@@ -559,6 +582,7 @@ class LocalSGD(_Rounds):
         outer_lr: float = 1.0,
         outer_momentum: float = 0.0,
         shared_precision: str = "fp32",
+        shared_topk: float = 0.0,
         round_schedule: str = "constant",
         qsr_alpha: float = 0.1,
         post_local_steps: int | None = None,
@@ -578,6 +602,8 @@ class LocalSGD(_Rounds):
             outer_momentum=outer_momentum,
             min_depth=0,
             shared_precision=shared_precision,
+            shared_topk=shared_topk,
+            block_precision="fp32",
             balance="none",
             round_schedule=round_schedule,
             qsr_alpha=qsr_alpha,
