@@ -16,7 +16,7 @@ from hist.comm.quantized import Codec, CompressedAverage
 from hist.comm.traffic import CHUNK, codec_nbytes, compressed_average_bytes, topk_per_chunk
 from hist.models import build_model, make_plan, shared_and_partitioned
 
-from helpers import BIN, TINY_RUN, mpirun, run, torchrun
+from helpers import BIN, TINY_RUN, hist_train, mpirun, torchrun
 
 CHECK = Path(__file__).parent / "parallel" / "quantized_check.py"
 KINDS = [(p, t) for p in ("fp32", "fp16", "int8", "int4") for t in (0.0, 0.01, 0.3)]
@@ -175,6 +175,8 @@ def test_resume_from_a_checkpoint_is_exact(tmp_path, launcher, extra):
     ],
 )
 def test_a_bad_option_gets_one_line(tmp_path, args, needle):
-    proc = run([BIN / "hist-train", "synthetic", *TINY_RUN, "--out", tmp_path / "x.h5", *args], check=False)
-    assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
-    assert len([line for line in proc.stderr.splitlines() if "rror" in line]) == 1
+    """In-process (the command object hist-train calls): an option check starts no ranks."""
+    result = hist_train("synthetic", *TINY_RUN, "--out", tmp_path / "x.h5", *args)
+    assert isinstance(result.exception, SystemExit) and result.exit_code == 2, result.exc_info
+    assert needle in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert len([line for line in result.stderr.splitlines() if "rror" in line]) == 1
