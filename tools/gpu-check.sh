@@ -5,7 +5,7 @@
 # Prints one JSON object (each check, its figures, the error line where one fails); exit 0
 # when every check passes. Needs torch and h5py only (Pillow for the image-folder checks);
 # Horovod, MPI and click are used where present. Options: --out DIR keeps the runs' files,
-# --only NAME runs the checks whose names contain NAME.
+# --only NAME runs the checks whose names contain NAME, --jobs N runs N checks at once (a CPU's cores).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 python=${HIST_PYTHON:-}

@@ -26,6 +26,8 @@ or, on CUDA, without 2 GPUs.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import functools
 import json
 import os
 import shutil
@@ -344,6 +346,12 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--out", help="Folder for the runs' files [default: a temporary one, removed]")
     parser.add_argument("--only", help="Run the checks whose names contain this")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="Checks run at once (default 1: on a GPU each check has it to itself; CI's CPU runs 2)",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child is not None:
@@ -366,6 +374,7 @@ def main(argv=None) -> int:
 
             folder = image_folder(out)
             train, array, folder_sizes = sizes(args.device)
+            planned = []  # (name, the check): run --jobs at a time, reported in this order
             for precision, channels_last in PRECISIONS:
                 # a CPU emulates fp16 (about 90x slower than fp32 on a 2026 Xeon): named as skipped, not run
                 no_fast_path = precision_supported(precision, torch.device(args.device))
@@ -380,9 +389,9 @@ def main(argv=None) -> int:
                     options["device"] = args.device
                     if loader == "streaming":
                         options["data_dir"] = str(folder)
-                    checks[name] = check_training(name, options, out, env)
+                    planned.append((name, functools.partial(check_training, name, options, out, env)))
             if not args.only or args.only in "bare-step-np1":
-                checks["bare-step-np1"] = check_bare_step(args.device, env)
+                planned.append(("bare-step-np1", functools.partial(check_bare_step, args.device, env)))
             gpus = torch.cuda.device_count() if args.device == "cuda" else 0
             for engine in ("horovod", "torch"):
                 why_not = ranks2_skipped(report["environment"], args.device, gpus, engine)
@@ -394,9 +403,13 @@ def main(argv=None) -> int:
                 for method in ("ist", "dp"):
                     name = ranks2_name(method, engine)
                     if not args.only or args.only in name:
-                        checks[name] = check_ranks(method, args.device, out, env, engine)
+                        planned.append((name, functools.partial(check_ranks, method, args.device, out, env, engine)))
                 if engine == "horovod" and (not args.only or args.only in "bare-step-ranks2"):
-                    checks["bare-step-ranks2"] = check_bare_step(args.device, env, ranks=2)
+                    planned.append(("bare-step-ranks2", functools.partial(check_bare_step, args.device, env, ranks=2)))
+            with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
+                done = [(name, pool.submit(check)) for name, check in planned]
+                for name, future in done:
+                    checks[name] = future.result()
     finally:
         if not args.out:
             shutil.rmtree(out, ignore_errors=True)
