@@ -51,7 +51,8 @@ def test_accuracy_suite_runs_every_method_then_reports_and_continues(tmp_path):
     assert names == ["ist-np2-seed0.h5", "local-sgd-np2-seed0.h5", "single-np1-seed0.h5"]
     settings = json.loads((folder / "settings.json").read_text())
     assert settings["preset"] == "smoke" and settings["resolved"]["local_iters"] == PRESETS["smoke"][1]["local_iters"]
-    assert "horovodrun -np 2" in settings["commands"]["ist-np2-seed0"]
+    command = settings["commands"]["ist-np2-seed0"]  # what ran: the mpirun line horovodrun runs
+    assert "-np 2 -H localhost:2" in command and "hist-train" in command and "--method ist" in command
     table = (folder / "report.md").read_text()
     assert table.startswith("| method | 1 process | 2 processes |")
     assert [l.split("|")[1].strip() for l in table.splitlines()[2:5]] == ["single", "ist (shard)", "local-sgd (shard)"]

@@ -2,7 +2,7 @@
 
 Everything is measured or counted by the same code the training uses: step times with
 warm-up, bytes from the synchronisation schedule, end-to-end epochs from real `hist-train`
-runs (one process against `horovodrun -np 2`), accuracy from real runs on CIFAR-10 when
+runs (one process against 2 ranks), accuracy from real runs on CIFAR-10 when
 `--data-dir`/`HIST_DATA` has it (else the synthetic set, and the result says so).
 """
 
@@ -463,7 +463,7 @@ def bare_steps(widths, batch: int, pairs: int, device, launch: bool) -> dict:
             proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
             if proc.returncode:
                 raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
-            line = [x for x in proc.stdout.splitlines() if "{" in x][-1]  # horovodrun tags each line
+            line = [x for x in proc.stdout.splitlines() if "{" in x][-1]  # mpirun (--tag-output) tags each line
             two = json.loads(line[line.index("{") :])
             out["ist_np2"][str(width)] = two["bare_step_ratio"]
             out["step_s"][f"ist_np2-{width}"] = {k: two[k] for k in ("hist_step_s", "bare_step_s")}
@@ -537,7 +537,7 @@ def run(
         batch_size,
         3 if quick else 10,
         device,
-        launch and can_launch(),  # its IST figure runs `python -m hist.analysis.steps` under horovodrun
+        launch and can_launch(),  # its IST figure runs `python -m hist.analysis.steps` on 2 Horovod ranks
     )
     result["precision_layout"] = timed("precision_layout", precision_layout, width, batch_size, device, steps, warmup)
     pipe = timed("pipeline", pipeline_ratio, width, batch_size, device, steps, warmup)

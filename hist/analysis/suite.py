@@ -1,6 +1,6 @@
 """The accuracy suite: one preset, every method at every process count, into one folder.
 
-Each run is a real `hist-train` (under `horovodrun` beyond one process) writing its usual
+Each run is a real `hist-train` (beyond one process under Horovod's mpirun line, or torchrun) writing its usual
 timing file into the folder; a run whose file says `completed` is skipped and an interrupted
 one resumes, so a suite can be stopped and continued (across sessions, or after a crash).
 The resolved settings are written beside the results as `settings.json`; the report (the
@@ -10,8 +10,10 @@ published layout) as `report.md`, `report.json` and figures.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -74,21 +76,44 @@ def command(run: SuiteRun, dataset: str, preset: str, out: Path, extra: list[str
 
 
 def on_local_ranks(processes: int, cmd: list[str], backend: str = "horovod") -> list[str]:
-    """`cmd` as is for one process, else on as many ranks of this machine under this Python's
-    horovodrun, or torchrun for the torch engine (`auto`: Horovod where it imports)."""
+    """`cmd` as is for one process, else on as many ranks of this machine: for Horovod the
+    mpirun line horovodrun runs (`local_mpirun`), or horovodrun itself; torchrun for the torch
+    engine (`auto`: Horovod where it imports)."""
     if processes == 1:
         return cmd
+    bindir = Path(sys.executable).parent
     if backend == "torch" or (backend == "auto" and not horovod_importable()):
-        bindir = Path(sys.executable).parent
         return [str(bindir / "torchrun"), "--standalone", "--nproc-per-node", str(processes), "--no-python", *cmd]
-    return [
-        str(Path(sys.executable).parent / "horovodrun"),
-        "-np",
-        str(processes),
-        "-H",
-        f"localhost:{processes}",
-        *cmd,
-    ]
+    line = local_mpirun(processes)
+    if line is None:
+        return [str(bindir / "horovodrun"), "-np", str(processes), "-H", f"localhost:{processes}", *cmd]
+    return [*line, *cmd]
+
+
+@functools.lru_cache(maxsize=None)
+def _open_mpi() -> str | None:
+    mpirun = shutil.which("mpirun")
+    if mpirun is None:
+        return None
+    try:
+        version = subprocess.run([mpirun, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return mpirun if "Open MPI" in version else None
+
+
+def local_mpirun(processes: int) -> list[str] | None:
+    """The Open MPI line `horovodrun -np N -H localhost:N` runs (`horovodrun --verbose` prints
+    it), started directly: horovodrun first spends about 3 s checking its own build, at every
+    launch of every run of a benchmark. Local ranks inherit this environment. None without
+    Open MPI (horovodrun then picks the line)."""
+    mpirun = _open_mpi()
+    if mpirun is None:
+        return None
+    root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
+    return [mpirun, *root, "--tag-output", "-np", str(processes), "-H", f"localhost:{processes}",
+            "-bind-to", "none", "-map-by", "slot", "-mca", "pml", "ob1", "-mca", "btl", "^openib",
+            "-mca", "btl_tcp_if_include", "lo", "-x", "NCCL_SOCKET_IFNAME=lo"]  # fmt: skip
 
 
 def _with_new_defaults(resolved: dict | None) -> dict | None:
