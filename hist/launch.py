@@ -35,7 +35,7 @@ from .io import checkpoint as ckpt
 from .io.fanout import Fanout
 from .io.runlock import RunLock
 from .io.timings import TimingWriter
-from .methods import build_method
+from .methods import build_method, skip_dynamo_wrappers
 from .models import ARCHS, build_model, partitioned_block_count
 from .models.plan import validate as validate_plan
 from .world import cpu_description, resolve_engine, under_launcher, world_info_from_env
@@ -298,6 +298,7 @@ def build_loaders(cfg: Config, train_split, test_split, device: torch.device, ra
 
 
 def run_training(cfg: Config) -> Result:
+    skip_dynamo_wrappers()  # nothing here compiles: no rank imports torch._dynamo (1.5-2 s each)
     world = world_info_from_env()
     checked = check_options(cfg, world.size, world.local_rank)
     if cfg.channels_last is None:  # resolved once the device is known, so the files say what ran

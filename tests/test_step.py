@@ -83,3 +83,34 @@ def test_on_a_cpu_the_layout_is_channels_last_unless_asked_otherwise():
 
     assert prefers_channels_last(CPU) is True
     assert prefers_channels_last(torch.device("cuda", 0)) is False  # no GPU here: the decision only
+
+
+def test_hist_trains_sgd_to_the_bit_without_importing_dynamo():
+    """hist-train's SGD is torch's update, bit for bit (momentum, weight decay, a state dict
+    either way), and a process that steps it never imports torch._dynamo (1.5-2 s a rank)."""
+    import subprocess
+    import sys
+
+    from hist.methods import SGD
+
+    torch.manual_seed(0)
+    model = build_model("preact_resnet18", 10, 0.0625)
+    ours_model = copy.deepcopy(model)
+    theirs = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    ours = SGD(ours_model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    for step in range(4):
+        x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+        for m, opt in ((model, theirs), (ours_model, ours)):
+            torch.nn.functional.cross_entropy(m(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+        if step == 1:  # a checkpoint of either loads into the other
+            ours.load_state_dict(copy.deepcopy(theirs.state_dict()))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ours_model.state_dict().values()))
+    probe = (
+        "import sys, torch; from hist.methods import SGD, skip_dynamo_wrappers; skip_dynamo_wrappers(); "
+        "m = torch.nn.Linear(4, 2); o = SGD(m.parameters(), lr=0.1, momentum=0.9); m(torch.ones(3, 4)).sum().backward(); "
+        "o.step(); o.zero_grad(); o.load_state_dict(o.state_dict()); print('torch._dynamo' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
