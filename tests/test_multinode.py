@@ -213,7 +213,7 @@ def test_hosts_sh_is_idempotent_and_names_each_host(two_hosts):
 @pytest.mark.slow
 def test_a_host_lost_mid_run_ends_the_other_host_and_the_run_resumes(two_hosts, tmp_path):
     """Every process of the second host SIGKILLed after the first checkpoint: the first host's
-    ranks end within 60 s with a line naming the lost host, the checkpoint is whole, and the
+    ranks end within 60 s with mpirun's line on the lost daemon, the checkpoint is whole, and the
     same 4 ranks on one host resume from it to the end."""
     out = tmp_path / "lost.h5"
     train = [BIN / "hist-train", "synthetic", *TINY_RUN, *options(method="ist", subnets=2, epochs=4)]
@@ -237,7 +237,9 @@ def test_a_host_lost_mid_run_ends_the_other_host_and_the_run_resumes(two_hosts, 
         os.killpg(job.pid, signal.SIGKILL)
         raise AssertionError("the first host's ranks still ran 60 s after the second host was lost")
     assert job.returncode != 0 and time.time() - lost < 60
-    assert "hist-h2" in text, text[-2000:]  # the line that names the lost host
+    # Open MPI says it one of two ways, whichever it notices first: the lost connection (naming
+    # the host), or the exit of its remote-shell agent for that host (a "daemon" failure, unnamed)
+    assert "hist-h2" in text or "unable to reliably start one or more daemons" in text, text[-2000:]
     while rank_pids(out):  # the first host's ranks are gone before the resume takes the run lock
         assert time.time() - lost < 90
         time.sleep(0.1)

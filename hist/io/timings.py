@@ -358,17 +358,22 @@ class _Hung(HistError):
 def isolated(reader, path, timeout_s: float = 60.0):
     """`reader(path)` in a forked child: a damaged file that crashes or hangs the HDF5 library
     ends the child, never the caller, and costs at most `timeout_s`. HistError passes through.
-    A failed read of a file a live run holds (RunLock) met an append mid-way, and is tried again."""
-    give_up = time.monotonic() + LIVE_READ_PATIENCE_S
+    A failed read of a file a live run holds (RunLock) met an append mid-way, and is tried again
+    (once more if the run let go of it meanwhile)."""
+    give_up, last_try = time.monotonic() + LIVE_READ_PATIENCE_S, False
     while True:
         try:
             return _isolated_once(reader, path, timeout_s)
         except _Hung:
             raise
         except HistError:
-            if time.monotonic() > give_up or not held_by_a_run(path):
+            if last_try or time.monotonic() > give_up:
                 raise
-            time.sleep(random.uniform(*LIVE_READ_PAUSE_S))
+            # Not held now: damaged, or a run let go of it since the read began (its last
+            # append, then the release), so whole: one more read tells which.
+            last_try = not held_by_a_run(path)
+            if not last_try:
+                time.sleep(random.uniform(*LIVE_READ_PAUSE_S))
 
 
 def _isolated_once(reader, path, timeout_s: float):
