@@ -134,6 +134,12 @@ def main(argv=None):
     p.add_argument("--depth", type=int, default=6)
     p.add_argument("--heads", type=int, default=3)
     p.add_argument("--mlp-ratio", type=float, default=2.0)
+    p.add_argument(
+        "--shared-ends",
+        type=int,
+        default=0,
+        help="ist: the first and the last N blocks stay shared, IST partitions those between (0: all)",
+    )
     p.add_argument("--train-images", type=int, default=0, help="first N training images (0: all)")
     p.add_argument("--test-images", type=int, default=0, help="first N test images (0: all)")
     p.add_argument("--threads", type=int, default=0)
@@ -148,7 +154,8 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     # hist: the one line that makes this loop IST (or local SGD); the launcher says how many ranks.
     if args.method == "ist":
-        run = hist.IST(model, model.blocks, optimizer, local_iters=args.local_iters)
+        partitioned = list(model.blocks)[args.shared_ends : len(model.blocks) - args.shared_ends]
+        run = hist.IST(model, partitioned, optimizer, local_iters=args.local_iters)
     else:
         run = hist.LocalSGD(model, optimizer, local_iters=args.local_iters)
     rank, size = run.rank, run.size
