@@ -9,6 +9,7 @@ for name, label in (
     ("single-np1", "one process"),
     ("ist-np2", "IST, 2 processes"),
     ("local-sgd-np2", "local SGD, 2 processes"),
+    ("ist-ends1-np2", "IST, 2 processes, first and last block shared (`--shared-ends 1`)"),
 ):
     f = O / f"{name}.jsonl"
     lines = [json.loads(x) for x in f.read_text().splitlines()] if f.exists() else []
