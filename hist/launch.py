@@ -35,7 +35,7 @@ from .io import checkpoint as ckpt
 from .io.fanout import Fanout
 from .io.runlock import RunLock
 from .io.timings import TimingWriter
-from .methods import build_method, skip_dynamo_wrappers
+from .methods import build_optimizer, skip_dynamo_wrappers
 from .models import ARCHS, build_model, partitioned_block_count
 from .models.plan import validate as validate_plan
 from .world import cpu_description, resolve_engine, under_launcher, world_info_from_env
@@ -342,7 +342,7 @@ def run_training(cfg: Config) -> Result:
     peak = peak_lr(cfg, sync.size)
     starts = round_starts(cfg, train_data.steps_per_epoch, peak)
     warm_rounds = rounds_before(starts, cfg.warmup_local_sgd_epochs * train_data.steps_per_epoch)
-    method = build_method(cfg, model, sync, peak, warm_rounds)
+    optimizer = build_optimizer(cfg, model, peak)
     recorder = open_recorder(
         cfg, sync, checked, device, train_data, test_data, resume_state, sync.allgather(world.host)
     )
@@ -362,7 +362,7 @@ def run_training(cfg: Config) -> Result:
         result = train(
             cfg,
             model,
-            method,
+            optimizer,
             sync,
             train_data,
             test_data,
@@ -374,6 +374,7 @@ def run_training(cfg: Config) -> Result:
             resume_state,
             identity,
             progress,
+            warm_rounds,
         )
     finally:
         for loader in (train_data, test_data):

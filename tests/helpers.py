@@ -148,3 +148,81 @@ def one_line_error(result, *needles):
     for needle in needles:
         assert needle in errors[0], errors[0]
     return errors[0]
+
+
+# ---------------------------------------------------------------- recorded results of hist-train
+# Issue 41 rebuilt hist-train's loop on hist.IST; these fingerprints were recorded by the loop
+# before the rebuild (HIST_RECORD_GOLDEN=1), so the rebuilt one must give the same round losses,
+# evaluations and final weights, to the bit. Bits depend on the torch build and the CPU's
+# kernels, so a fingerprint is compared only on the machine kind that recorded it.
+GOLDEN_RUNS = ROOT / "tests" / "golden" / "train_fingerprints.json"
+
+
+def machine_kind() -> str:
+    import platform
+
+    import torch
+
+    model, flags = "", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and not model:
+                    model = line.split(":", 1)[1].strip()
+                if line.startswith("flags") and not flags:
+                    flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    isa = sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "fma"})
+    return f"torch {torch.__version__}, {platform.machine()}, {model}, {' '.join(isa)}"
+
+
+def fingerprint(out) -> dict:
+    """sha256s of a finished run: its round losses and its evaluations (the timing file), its
+    final checkpoint's weights and its optimizer state."""
+    import hashlib
+
+    import h5py
+    import torch
+
+    def sha(arrays) -> str:
+        h = hashlib.sha256()
+        for a in arrays:
+            h.update(
+                a.tobytes()
+                if hasattr(a, "tobytes")
+                else a.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+            )
+        return h.hexdigest()[:16]
+
+    with h5py.File(out, "r") as f:
+        parts = {
+            "losses": sha([f["rounds"]["loss"][:]]),
+            "evals": sha([f["evals"][k][:] for k in ("test_loss", "test_accuracy")]),
+        }
+    state = torch.load(Path(out).with_suffix(".ckpt.pt"), map_location="cpu", weights_only=False)
+    # BatchNorm's running statistics are left out: training normalises by batch, and every
+    # evaluation recalibrates them (or normalises by batch), so no figure ever reads them.
+    stats = ("running_mean", "running_var", "num_batches_tracked")
+    parts["weights"] = sha([v for k, v in sorted(state["model"].items()) if not k.endswith(stats)])
+    moments = []
+    for _, s in sorted((state.get("optimizer") or {"state": {}})["state"].items()):
+        moments += [v for _, v in sorted(s.items()) if torch.is_tensor(v)]
+    parts["optimizer"] = sha(moments)
+    return parts
+
+
+def check_recorded(name: str, out) -> None:
+    """The finished run `out` against the fingerprint recorded under `name` (see GOLDEN_RUNS)."""
+    import json
+
+    recorded = json.loads(GOLDEN_RUNS.read_text()) if GOLDEN_RUNS.exists() else {"machine": machine_kind(), "runs": {}}
+    got = fingerprint(out)
+    if os.environ.get("HIST_RECORD_GOLDEN"):
+        recorded["runs"][name] = got
+        GOLDEN_RUNS.write_text(json.dumps(recorded, indent=1, sort_keys=True) + "\n")
+        return
+    if recorded["machine"] != machine_kind():
+        return  # other kernels, other bits: the determinism tests around each call still hold
+    differ = [k for k, v in recorded["runs"][name].items() if got.get(k) != v]
+    assert not differ, f"{name}: its {', '.join(differ)} differ from the run recorded before the rebuild"

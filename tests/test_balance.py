@@ -124,7 +124,7 @@ def test_two_ranks_agree_on_balanced_plans_record_the_counts_and_resume(tmp_path
         blocks = r["blocks"]
         assert blocks.shape == (len(r["round"]), 2) and (blocks.sum(axis=1) == 5).all()
         assert (blocks >= 1).all()  # (evenness under noise: test_equal_speeds_with_noisy_timings...)
-        state = ckpt["method"]["balance"]
+        state = ckpt["hist"]["method"]["balance"]
         assert sum(state["counts"]) == 5 and len(state["rate"]) == 2 and all(v > 0 for v in state["rate"])
         assert attrs["status"] == "completed"
     from test_report import hist_report  # in this process: the command's own code, no process start

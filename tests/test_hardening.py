@@ -87,7 +87,7 @@ def test_crafted_checkpoint_is_refused_and_runs_nothing(tmp_path):
     assert not marker.exists(), line
 
 
-@pytest.mark.parametrize("kind", ["foreign", "truncated", "not-a-checkpoint"])
+@pytest.mark.parametrize("kind", ["foreign", "truncated", "not-a-checkpoint", "older"])
 def test_foreign_or_damaged_checkpoint_gives_one_line(tmp_path, kind):
     """The resume decision in this process (a whole --resume process per kind decides nothing
     more; the crafted checkpoint above keeps the real one): one line, raised on every rank alike."""
@@ -103,6 +103,9 @@ def test_foreign_or_damaged_checkpoint_gives_one_line(tmp_path, kind):
         torch.save({"model": {"w": torch.zeros(1000)}, "round": 1, "wall_s": 0.0, "identity": {}}, ckpt)
         ckpt.write_bytes(ckpt.read_bytes()[:700])
         needle = "damaged or truncated"
+    elif kind == "older":  # hist-train's before its loop ran on hist.IST's session
+        torch.save({"model": {"w": torch.zeros(3)}, "round": 1, "wall_s": 0.0, "identity": {}, "method": {}}, ckpt)
+        needle = "older than its rebuild on hist.IST's session"
     else:
         ckpt.write_text("hello")
         needle = "damaged or truncated"

@@ -18,7 +18,8 @@ ALLOWED = {
     "io": {"errors"},
     "comm": {"errors", "world", "models"},
     "methods": {"choices", "comm", "config", "errors", "models"},
-    "engine": {"comm", "config", "data", "errors", "methods", "models"},
+    # the round loop drives hist-train through hist.IST's session (`api`)
+    "engine": {"api", "comm", "config", "data", "errors", "methods", "models"},
     "analysis": {
         "choices",
         "comm",
@@ -32,10 +33,23 @@ ALLOWED = {
         "presets",
         "world",
     },
-    "launch": {"choices", "comm", "config", "data", "engine", "errors", "io", "methods", "models", "world", "__init__"},
+    "launch": {
+        "api",
+        "choices",
+        "comm",
+        "config",
+        "data",
+        "engine",
+        "errors",
+        "io",
+        "methods",
+        "models",
+        "world",
+        "__init__",
+    },
     "cli": {"analysis", "choices", "comm", "config", "errors", "launch", "presets", "world"},
     # hist.IST and hist.LocalSGD: hist's methods and synchronisers in the user's own loop
-    "api": {"choices", "comm", "config", "engine", "errors", "methods", "world"},
+    "api": {"choices", "comm", "config", "errors", "methods", "models", "world"},
     "__init__": {"api"},  # imported on first use of hist.IST, so `import hist` stays cheap
 }
 

@@ -16,7 +16,7 @@ from hist.comm.quantized import Codec, CompressedAverage
 from hist.comm.traffic import CHUNK, codec_nbytes, compressed_average_bytes, topk_per_chunk
 from hist.models import build_model, make_plan, shared_and_partitioned
 
-from helpers import BIN, TINY_RUN, hist_train, mpirun, torchrun
+from helpers import BIN, TINY_RUN, check_recorded, hist_train, mpirun, torchrun
 
 CHECK = Path(__file__).parent / "parallel" / "quantized_check.py"
 KINDS = [(p, t) for p in ("fp32", "fp16", "int8", "int4") for t in (0.0, 0.01, 0.3)]
@@ -137,19 +137,20 @@ def test_resume_from_a_checkpoint_is_exact(tmp_path, launcher, extra):
     args = ["synthetic", "--epochs", "3", *TINY_RUN, "--checkpoint-every", "2", *extra]
     ref, cut = tmp_path / "ref.h5", tmp_path / "cut.h5"
     launcher(2, BIN / "hist-train", *args, "--out", ref, timeout=300)
+    check_recorded(f"quantized-{extra[1]}-{launcher.__name__}", ref)
     stopped = launcher(2, BIN / "hist-train", *args, "--out", cut, "--stop-after-rounds", "3", check=False)
     # hist-train exits 3; torchrun reports any child's non-zero exit as its own 1
     assert stopped.returncode in (1, 3) and load(cut)["round"] == 3, stopped.stderr[-2000:]
     launcher(2, BIN / "hist-train", *args, "--out", cut, "--resume", timeout=300)
     a, b = load(ref), load(cut)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"] if not k.endswith("num_batches_tracked"))
-    ra, rb = a["method"]["residuals"], b["method"]["residuals"]
+    ra, rb = a["hist"]["method"]["residuals"], b["hist"]["method"]["residuals"]
     assert len(ra) == 2 and all(torch.equal(x[n][k], y[n][k]) for x, y in zip(ra, rb) for n in x for k in x[n])
     assert not torch.equal(ra[0][next(iter(ra[0]))]["residual"], ra[1][next(iter(ra[1]))]["residual"])  # per rank
     if "--block-precision" in extra:  # the blocks' reference, the same on every rank, resumed
         assert all(
             torch.equal(x, y)
-            for xs, ys in zip(a["method"]["block_base"], b["method"]["block_base"])
+            for xs, ys in zip(a["hist"]["method"]["block_base"], b["hist"]["method"]["block_base"])
             for x, y in zip(xs, ys)
         )
     (la, attrs), (lb, _) = rounds(ref), rounds(cut)

@@ -9,8 +9,7 @@ from hist.comm import connect
 from hist.config import Config
 from hist.engine.clock import PhaseClock
 from hist.engine.precision import Precision
-from hist.engine.step import TrainStep
-from hist.methods import build_method
+from hist.engine.step import one_round_step
 from hist.models import build_model, make_plan
 
 CPU = torch.device("cpu")
@@ -22,6 +21,14 @@ def subnetwork_model():
     model.layer3 = torch.nn.Sequential(*model.layer3, *[copy.deepcopy(model.layer3[1]) for _ in range(3)])
     model.set_subnetwork(make_plan(0, 0, len(model.partitioned_blocks()), 2).blocks[0])
     return model
+
+
+def step_of(model, cfg):
+    """hist-train's step (one process: its session trains the full model), then the subnetwork again."""
+    active = [i for i, b in enumerate(model.partitioned_blocks()) if b.active]
+    step = one_round_step(cfg, model, connect(1, 1), 0.05, Precision("fp32", CPU), PhaseClock(CPU))
+    model.set_subnetwork(active)
+    return step
 
 
 def test_the_bare_network_is_the_active_subnetwork():
@@ -40,7 +47,7 @@ def test_hists_step_and_the_bare_step_move_the_weights_alike():
     model = subnetwork_model()
     twin = copy.deepcopy(model)
     cfg = Config(width=0.125, arch="preact_resnet18")
-    step = TrainStep(model, build_method(cfg, model, connect(1, 1), 0.05), Precision("fp32", CPU), PhaseClock(CPU))
+    step = step_of(model, cfg)
     step.set_lr(0.05)
     step.clock.start()
     bare = bare_network(twin)
@@ -60,7 +67,7 @@ def test_hists_step_and_the_bare_step_move_the_weights_alike():
 def test_compare_reports_both_steps_and_their_ratio():
     model = subnetwork_model()
     cfg = Config(width=0.125, arch="preact_resnet18")
-    step = TrainStep(model, build_method(cfg, model, connect(1, 1), 0.05), Precision("fp32", CPU), PhaseClock(CPU))
+    step = step_of(model, cfg)
     step.set_lr(0.05)
     batches = lambda i: (torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)))  # noqa: E731
     out = compare(step, model, batches, pairs=3, warmup=1)

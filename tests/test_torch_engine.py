@@ -13,7 +13,7 @@ from test_no_mpi import no_mpi  # noqa: F401 (a fixture: Horovod and mpi4py refu
 from hist.errors import CollectiveError
 from hist.world import first_host, launcher, resolve_engine, torch_rendezvous, world_info_from_env
 
-from helpers import BIN, TINY_RUN, mpirun, torchrun
+from helpers import BIN, TINY_RUN, check_recorded, mpirun, torchrun
 
 TORCHRUN = {"TORCHELASTIC_RUN_ID": "x", "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "h"}
 MPIRUN = {"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_RANK": "1"}
@@ -89,6 +89,7 @@ def test_the_same_run_under_either_engine_to_the_bit(tmp_path, method, split, no
     proc = torchrun(2, *_train(method, split, tch), **no_mpi)
     assert "engine     torch" in proc.stdout
     a, b = _result(hvd), _result(tch)
+    check_recorded(f"{method}-{split}-horovod", hvd)
     assert (a[2], b[2]) == ("horovod", "torch") and _same(a, b)
 
 
@@ -98,6 +99,7 @@ def test_a_checkpoint_crosses_engines_and_ist_stays_exact(tmp_path):
     world), stopped, then resumed under Horovod: the weights of one Horovod run throughout."""
     ref, cut = tmp_path / "ref.h5", tmp_path / "cut.h5"
     mpirun(2, *_train("ist", "shard", ref))
+    check_recorded("ist-shard-horovod", ref)
     proc = torchrun(2, *_train("ist", "shard", cut, "--stop-after-rounds", "2"), check=False)
     assert proc.returncode != 0 and torch.load(cut.with_suffix(".ckpt.pt"), weights_only=True)["round"] == 2
     mpirun(2, *_train("ist", "shard", cut, "--resume"))
@@ -108,6 +110,7 @@ def test_a_checkpoint_crosses_engines_and_ist_stays_exact(tmp_path):
 def test_four_ranks_two_subnetworks_of_two_under_torchrun(tmp_path):
     out = tmp_path / "ist4.h5"
     torchrun(4, *_train("ist", "full", out, "--subnets", "2"))
+    check_recorded("ist-np4-s2-torch", out)
     with h5py.File(out, "r") as f:
         assert f.attrs["status"] == "completed" and f.attrs["world_size"] == 4 and f.attrs["subnets"] == 2
         sent = f["rounds"]["bytes_sent"][:]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import BIN, TINY_RUN, horovodrun, kill_job, mpirun, rank_pids, run, spawn
+from helpers import BIN, TINY_RUN, check_recorded, horovodrun, kill_job, mpirun, rank_pids, run, spawn
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
@@ -69,6 +69,7 @@ def test_four_processes_two_subnetworks(tmp_path):
     decided before any process starts and checked below in this process.)"""
     out = tmp_path / "ist.h5"
     mpirun(4, BIN / "hist-train", "synthetic", "--subnets", "2", "--epochs", "1", *TINY, "--out", out, timeout=600)
+    check_recorded("ist-np4-s2", out)
     r, e, attrs = rounds(out)
     assert attrs["world_size"] == 4 and attrs["method"] == "ist" and attrs["subnets"] == 2
     assert r["round"].tolist() == list(range(len(r["round"]))) and len(e["test_accuracy"]) == 1
@@ -89,6 +90,7 @@ def test_single_process_and_determinism(tmp_path):
     ra, ea, attrs = rounds(a)
     rb, eb, _ = rounds(b)
     assert attrs["method"] == "single" and attrs["world_size"] == 1
+    check_recorded("single", a)
     assert np.array_equal(ra["loss"], rb["loss"]) and np.array_equal(ea["test_loss"], eb["test_loss"])
 
 
@@ -127,6 +129,7 @@ def uninterrupted_run(tmp_path_factory):
     """The run each way of cutting it short must resume to (made once for both)."""
     ref = tmp_path_factory.mktemp("uninterrupted") / "ref.h5"
     mpirun(2, BIN / "hist-train", "synthetic", "--epochs", "6", *TINY, "--checkpoint-every", "2", "--out", ref)
+    check_recorded("ist-np2", ref)
     return ref
 
 
@@ -205,6 +208,7 @@ def test_resume_is_exact_with_momentum_outer_step_and_warmups(tmp_path, method):
     common = ["--epochs", "6", *TINY, "--checkpoint-every", "2", "--method", method, *ACCURACY_OPTIONS]
     common += ["--noise-every", "3"]  # gradient-noise probes: their rows cut back on resume, then exact
     ref, out, a, b = cut_and_resume(tmp_path, "synthetic", *common)
+    check_recorded(f"{method}-warmups-outer-noise", ref)
     assert same_model(a["model"], b["model"])
     noise = [h5py.File(p, "r")["noise"] for p in (ref, out)]
     assert len(noise[0]["round"]) == 4 and all(np.array_equal(noise[0][k], noise[1][k]) for k in noise[0])
@@ -214,7 +218,9 @@ def test_resume_is_exact_with_momentum_outer_step_and_warmups(tmp_path, method):
         for x, y in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values())
     ]
     assert moms and all(torch.equal(x, y) for x, y in moms)
-    assert all(torch.equal(x, y) for x, y in zip(a["method"]["outer_momentum"], b["method"]["outer_momentum"]))
+    assert all(
+        torch.equal(x, y) for x, y in zip(a["hist"]["method"]["outer_momentum"], b["hist"]["method"]["outer_momentum"])
+    )
     assert np.array_equal(rounds(ref)[0]["loss"], rounds(out)[0]["loss"])
 
 
@@ -252,6 +258,8 @@ def test_bf16_channels_last_trains_with_the_same_bytes(tmp_path, method, finishe
     out = tmp_path / "bf16.h5"
     mpirun(2, BIN / "hist-train", *args, "--precision", "bf16", "--channels-last", "--out", out)
     runs["bf16"] = rounds(out)
+    check_recorded(f"{method}-np2-3-epochs", finished_run(*args))
+    check_recorded(f"{method}-bf16", out)
     r, e, attrs = runs["bf16"]
     assert r["loss"][-3:].mean() < r["loss"][:3].mean()  # it learns
     assert json.loads(attrs["config"])["precision"] == "bf16" and attrs["block_transport"] == "host"
@@ -268,7 +276,8 @@ def test_resume_is_exact_with_fp16_and_its_loss_scale(tmp_path):
     small = ["--synthetic-size", "128", "--batch-size", "16", "--eval-every-epochs", "5"]
     fp16 = ["--precision", "fp16", "--channels-last", "--subnets", "2", *small]
     ref, out, a, b = cut_and_resume(tmp_path, "synthetic", "--epochs", "5", *TINY, "--checkpoint-every", "2", *fp16)
-    assert len(a["precision"]) == 2  # one gradient scaler per rank: the subnetworks skip apart
-    assert a["precision"] == b["precision"]
+    check_recorded("ist-fp16", ref)
+    assert len(a["hist"]["scaler"]) == 2  # one gradient scaler per rank: the subnetworks skip apart
+    assert a["hist"]["scaler"] == b["hist"]["scaler"]
     assert same_model(a["model"], b["model"])
     assert np.array_equal(rounds(ref)[0]["loss"], rounds(out)[0]["loss"])

@@ -15,8 +15,7 @@ import torch
 
 from hist.data.loader import DeviceLoader
 from hist.data.sources import read_cifar10
-from hist.engine.evaluation import recalibrate_batchnorm
-from hist.models import build_model
+from hist.models import build_model, recalibrate_batchnorm
 
 
 @torch.no_grad()

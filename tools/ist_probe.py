@@ -31,7 +31,7 @@ import hist.engine.loop as loop
 import hist.launch as launch
 from hist.cli import train as train_command
 from hist.data import DeviceLoader, Split, synthetic
-from hist.engine.evaluation import recalibrate_batchnorm
+from hist.models import recalibrate_batchnorm
 
 STATE: dict = {}
 

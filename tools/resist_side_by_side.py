@@ -189,8 +189,7 @@ def in_process(args) -> dict:
     from hist.config import Config
     from hist.engine.clock import PhaseClock
     from hist.engine.precision import Precision, prefers_channels_last
-    from hist.engine.step import TrainStep
-    from hist.methods import build_method
+    from hist.engine.step import one_round_step
     from hist.models import build_model, make_plan
 
     torch.set_num_threads(1)
@@ -214,8 +213,7 @@ def in_process(args) -> dict:
     def hist_step(layout):
         cfg = Config(width=args.width, lr=0.03, momentum=0.9, weight_decay=5e-4, optimizer_state="restart")
         model = build_model(cfg.arch, 10, args.width).to(memory_format=layout)
-        step = TrainStep(model, build_method(cfg, model, connect(1, 1), cfg.lr), Precision("fp32", x.device),
-                         PhaseClock(x.device))  # fmt: skip
+        step = one_round_step(cfg, model, connect(1, 1), cfg.lr, Precision("fp32", x.device), PhaseClock(x.device))
         model.set_subnetwork(blocks)
         step.set_lr(cfg.lr)
         step.clock.start()

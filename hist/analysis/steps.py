@@ -27,8 +27,7 @@ from ..comm import connect
 from ..config import Config
 from ..engine.clock import PhaseClock
 from ..engine.precision import Precision, prefers_channels_last
-from ..engine.step import TrainStep
-from ..methods import build_method
+from ..engine.step import TrainStep, one_round_step
 from ..models import PreActResNet, build_model
 from ..world import world_info_from_env
 
@@ -94,10 +93,7 @@ def measure(sync, width: float, batch: int, pairs: int, device: torch.device, me
     layout = torch.channels_last if prefers_channels_last(device) else torch.contiguous_format  # hist-train's default
     model = build_model(cfg.arch, 10, width).to(device, memory_format=layout)
     loader.memory_format = layout
-    sync.broadcast_model(model)
-    trained = build_method(cfg, model, sync, cfg.lr)
-    trained.begin_round(0)
-    train_step = TrainStep(model, trained, Precision(cfg.precision, device), PhaseClock(device))
+    train_step = one_round_step(cfg, model, sync, cfg.lr, Precision(cfg.precision, device), PhaseClock(device))
     train_step.set_lr(cfg.lr)
     out = compare(train_step, model, lambda i: loader.batch(i % loader.steps_per_epoch), pairs)
     out.update(width=width, batch=batch, processes=sync.size, channels_last=layout == torch.channels_last)

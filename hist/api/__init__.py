@@ -5,6 +5,6 @@ is; `with ist.full_model(): evaluate(model)` to evaluate. Ranks, subnetworks and
 from the launcher (horovodrun or mpirun: Horovod + MPI; torchrun: torch.distributed; one
 process: neither)."""
 
-from .session import IST, LocalSGD
+from .session import IST, LocalSGD, RoundEndChoice, Training
 
-__all__ = ["IST", "LocalSGD"]
+__all__ = ["IST", "LocalSGD", "RoundEndChoice", "Training"]

@@ -5,6 +5,8 @@ A block is switched by replacing its instance's `forward` (the class, its parame
 state_dict keys stay as they are): an inactive block returns its input untouched, an active one
 its own output, and at evaluation `s * block(x) + (1 - s) * x`, which for a block computing
 x + f(x) is x + s * f(x): the residual branch scaled by the block's probability of being trained.
+hist's own blocks (`models.SwitchableBlock`) switch and scale themselves, so they are switched
+through their own `active` and `scale`, and hist-train's model computes as it always has.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import ArgumentTypeError, BlockError
+from ..models import SwitchableBlock
 
 
 def _label(names: dict[int, str], module: nn.Module) -> str:
@@ -77,12 +80,32 @@ class Switch:
 
     def __init__(self, who: str, index: int, label: str, module: nn.Module):
         self.who, self.index, self.label, self.module = who, index, label, module
+        # Where `active` and `scale` live: hist's own blocks keep them, any other block here.
+        self.native = isinstance(module, SwitchableBlock)
+        self._state = module if self.native else types.SimpleNamespace()
         self.active = True
         self.scale = 1.0
-        self.checked = False  # its output's shape against its input's, at its first active forward
+        self.checked = self.native  # its output's shape against its input's, at its first active forward
         self._own = module.__dict__.get("forward")  # an instance forward set before hist's
-        self._call = self._own if self._own is not None else types.MethodType(type(module).forward, module)
-        module.forward = self.forward
+        if not self.native:
+            self._call = self._own if self._own is not None else types.MethodType(type(module).forward, module)
+            module.forward = self.forward
+
+    @property
+    def active(self) -> bool:
+        return self._state.active
+
+    @active.setter
+    def active(self, on: bool) -> None:
+        self._state.active = on
+
+    @property
+    def scale(self) -> float:
+        return self._state.scale
+
+    @scale.setter
+    def scale(self, s: float) -> None:
+        self._state.scale = s
 
     def forward(self, *args, **kwargs):
         x = args[0] if args else next(iter(kwargs.values()), None)  # the block's first input
@@ -110,8 +133,10 @@ class Switch:
         self.checked = True
 
     def restore(self) -> None:
-        """The module's own forward again."""
-        if self._own is not None:
+        """The module's own forward again (hist's own blocks: on, unscaled)."""
+        if self.native:
+            self.active, self.scale = True, 1.0
+        elif self._own is not None:
             self.module.forward = self._own
         else:
             self.module.__dict__.pop("forward", None)

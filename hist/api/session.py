@@ -102,6 +102,28 @@ def _world_size() -> int:
     return world_info_from_env().size
 
 
+@dataclasses.dataclass
+class RoundEndChoice:
+    """What a deferring session's caller decides at a round's last step, before aggregation."""
+
+    full: bool = False  # every rank needs the whole model after this round (evaluation, checkpoint)
+    stop_only: bool = False  # ...only because the run stops here (a resumed run goes on as if not)
+    data_s: list[float] | None = None  # every rank's data seconds so far (--balance speed reads them)
+    compute_s: list[float] | None = None  # every rank's compute seconds so far
+
+
+def _switches_itself(model, modules, trained) -> bool:
+    """hist's own ResNet with its own partitioned blocks and every parameter trained: the methods
+    then train through the model itself, which offers the Switchboard's interface."""
+    from ..models import PreActResNet
+
+    return (
+        isinstance(model, PreActResNet)
+        and [id(b) for b in modules] == [id(b) for b in model.partitioned_blocks()]
+        and {id(p) for p in trained} == {id(p) for p in model.parameters()}
+    )
+
+
 class _Rounds:
     """What IST and local SGD share: rounds that follow the optimizer, a full model on demand,
     and a state for an exact resume."""
@@ -140,7 +162,6 @@ class _Rounds:
         sync,
     ):
         who = self.who
-        switches: list[Switch] = []
         if blocks is not None or self.kind == "ist":
             modules, names = resolve_blocks(who, model, blocks)
         else:
@@ -211,19 +232,10 @@ class _Rounds:
         device = trained[0].device if trained else torch.device("cpu")
         if sync is None:
             sync = _connect(who, s if self.kind == "ist" else None, backend, device, block_transport)
-        for i, b in enumerate(modules):  # the model is changed only once nothing can refuse it
-            switches.append(Switch(who, i, f"{names.get(id(b)) or 'the model itself'}, {type(b).__name__}", b))
 
         from ..config import Config
-        from ..methods import IST as ISTMethod
-        from ..methods import LocalSGD as LocalMethod
-        from ..methods import Method
 
-        self.model, self.optimizer, self.scaler = model, optimizer, scaler
-        self.switches = switches
-        self.board = Switchboard(model, switches, trained)
-        self.sync = sync
-        self.cfg = dataclasses.replace(
+        cfg = dataclasses.replace(
             Config(),
             method="ist" if self.kind == "ist" else "local-sgd",
             subnets=s if self.kind == "ist" else sync.subnets,
@@ -241,26 +253,48 @@ class _Rounds:
             overlap=bool(overlap),
             plan_check_every=plan_check_every,
             seed=seed,
+            test_scale=test_scale,
         )
-        self.test_scale = test_scale
+        self._build(model, modules, names, trained, optimizer, cfg, sync, scaler, warmup_local_sgd_rounds)
         self.post_local_steps = post_local_steps or 0
-        cls = (ISTMethod if self.kind == "ist" else LocalMethod) if self.sync.size > 1 else Method
-        self.method = cls(self.board, self.sync, self.cfg, optimizer, warmup_local_sgd_rounds)
+        self._begin()
+
+    def _build(self, model, modules, names, trained, optimizer, cfg, sync, scaler, warm_rounds, *,
+               round_starts=None, on_round_end=None, clock=None) -> None:  # fmt: skip
+        """The session over checked arguments: switches, the method (by `cfg.method`; one process
+        trains the full model), every rank on rank 0's weights, the optimizer's hooks."""
+        from ..methods import METHOD_CLASSES, Method
+
+        self.switches = [  # the model is changed only once nothing can refuse it
+            Switch(self.who, i, f"{names.get(id(b)) or 'the model itself'}, {type(b).__name__}", b)
+            for i, b in enumerate(modules)
+        ]
+        self.model, self.scaler, self.sync, self.cfg = model, scaler, sync, cfg
+        self.board = model if _switches_itself(model, modules, trained) else Switchboard(model, self.switches, trained)
+        self.test_scale = cfg.test_scale
+        self.post_local_steps = 0
+        self.round_starts, self.on_round_end, self.clock = round_starts, on_round_end, clock
+        cls = METHOD_CLASSES[cfg.method] if sync.size > 1 else Method
+        self.method = cls(self.board, sync, cfg, optimizer, warm_rounds)
+        # The optimizer that steps: Horovod's data parallel wraps the one given in its own.
+        self.optimizer = self.method.optimizer
         self.sync.broadcast_model(model)  # every rank starts from rank 0's weights
         self.step = 0  # optimizer steps (with a scaler: iterations, skipped steps included)
         self.round = 0
+        self.round_end = 0
         self._fresh = True  # no step since the last aggregation
+        self._full_end = False  # the last round's end gave every rank the whole model
         self._cut = False  # aggregated mid-round: the rest of the round begins on leaving
+        self._pending = False  # a round ended; the next begins at `begin_round` (deferring sessions)
         self._trained_plan = None  # the plan of the steps before the last aggregation
         self._stepped = False
         self._grads_ready = False
-        self._begin()
         self._hooks = [
-            optimizer.register_step_pre_hook(self._before_step),
-            optimizer.register_step_post_hook(self._after_step),
+            self.optimizer.register_step_pre_hook(self._before_step),
+            self.optimizer.register_step_post_hook(self._after_step),
             model.register_forward_pre_hook(self._probe, with_kwargs=True),
         ]
-        _SESSIONS[id(optimizer)] = self
+        _SESSIONS[id(self.optimizer)] = self
         _watch_grad_scalers()
 
     # ------------------------------------------------------------ who
@@ -278,14 +312,26 @@ class _Rounds:
         return self.sync.engine
 
     @property
+    def blocks_per_subnet(self) -> list[int] | None:
+        """Partitioned blocks each subnetwork trained in the last round (None: the full model)."""
+        return self.method.blocks_per_subnet()
+
+    def optimizer_step(self, step_fn=None) -> None:
+        """The optimizer's step as the method takes it (Horovod's data parallel skips its own
+        synchronisation there); `step_fn(optimizer)` replaces `optimizer.step()` (a scaler's step)."""
+        self.method.step(step_fn)
+
+    @property
     def eval_scale(self) -> float:
         """The residual scale of the blocks in the full model (1/S for IST at S subnetworks)."""
         return self.method.eval_scale() if self.test_scale == "auto" else 1.0
 
     # ------------------------------------------------------------ rounds
     def _round_length(self) -> int:
-        from ..engine.rounds import length_of_round
+        from ..methods.rounds import length_of_round
 
+        if self.round_starts is not None:
+            return self.round_starts[self.round + 1] - self.step
         lr = self.optimizer.param_groups[0]["lr"]
         if self.cfg.round_schedule == "qsr" and not lr > 0:
             return self.cfg.local_iters
@@ -293,10 +339,22 @@ class _Rounds:
             self.cfg.round_schedule, self.step, self.cfg.local_iters, lr, self.cfg.qsr_alpha, self.post_local_steps
         )
 
+    # A session that defers (hist-train's) begins each round when its caller says, inside the
+    # round's own accounting (its plan check is the round's traffic, its time the round's sync);
+    # the others begin the next round at the last step of the one before.
+    defers = False
+
     def _begin(self) -> None:
         """Round `self.round` begins at step `self.step`: its length, its plan, its subnetwork."""
+        self._pending = False
+        self._round_began = self.step
         self.round_end = self.step + self._round_length()
         self.method.begin_round(self.round)
+
+    def begin_round(self) -> None:
+        """Begin the round that is due (a deferring session's caller, at each round's start)."""
+        if self._pending:
+            self._begin()
 
     def _before_step(self, optimizer=None, args=None, kwargs=None) -> None:
         """Before the optimizer reads the gradients (with a scaler: before it unscales them): the
@@ -305,10 +363,16 @@ class _Rounds:
             return
         for p in self.board.inactive_params():
             p.grad = None
+        if self.clock is not None:
+            self.clock.lap("compute")
         self.method.after_backward()
+        if self.clock is not None:
+            self.clock.lap("sync")
         self._grads_ready = True
 
     def _after_step(self, optimizer=None, args=None, kwargs=None) -> None:
+        if not self._grads_ready:  # the same step seen again: Horovod's optimizer class wraps torch's step twice
+            return
         self._stepped = True
         self._grads_ready = False
         self._advance()
@@ -317,13 +381,26 @@ class _Rounds:
         self.step += 1
         self._fresh = False
         if self.step >= self.round_end:
+            if self.clock is not None:
+                self.clock.lap("compute")
+            # The caller's decision comes before anything is aggregated: it may end the run
+            # (a diverged loss raises) or ask for the whole model on every rank.
+            end = self.on_round_end(self.round) if self.on_round_end is not None else RoundEndChoice()
+            if end.data_s is not None:
+                self.method.observe_round(self.step - self._round_began, end.data_s, end.compute_s)
             with torch.no_grad():
                 self._trained_plan = getattr(self.method, "plan", None)
-                self.method.end_round(self.round, full=False)
+                self.method.end_round(self.round, full=end.full, stop_only=end.stop_only)
                 self._settle_steps()
+            if self.clock is not None:
+                self.clock.lap("sync")
+            self._full_end = end.full
             self.round += 1
-            self._begin()
             self._fresh = True
+            if self.defers:
+                self._pending = True
+            else:
+                self._begin()
 
     def _after_update(self) -> None:
         """The GradScaler's update ends an iteration: a step it skipped called no optimizer hook,
@@ -374,7 +451,7 @@ class _Rounds:
             return
         plan = getattr(self.method, "plan", None)
         if self._fresh:
-            if plan is not None:  # after a round's end: each block from its holder, to everyone
+            if plan is not None and not self._full_end:  # each block from its holder, to everyone
                 travelling = [self.method.carried(ps, outer=True) for ps in self.method.blocks]
                 self.sync.sync_blocks(travelling, plan, None, "copy")
             trained = self._trained_plan
@@ -436,7 +513,7 @@ class _Rounds:
 
     @torch.no_grad()
     def _recalibrate(self, batches) -> None:
-        from ..engine.evaluation import recalibrate_batchnorm
+        from ..models import recalibrate_batchnorm
 
         recalibrate_batchnorm(self.model, ((b[0] if isinstance(b, (tuple, list)) else b, None) for b in batches))
         norms = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -462,7 +539,7 @@ class _Rounds:
             "hist": {
                 "kind": self.kind,
                 "world_size": self.sync.size,
-                "subnets": self.cfg.subnets if self.kind == "ist" else None,
+                "subnets": self.sync.subnets if self.kind == "ist" else None,
                 "blocks": len(self.switches),
                 "step": self.step,
                 "round": self.round,
@@ -477,7 +554,7 @@ class _Rounds:
         h = state.get("hist") if isinstance(state, dict) else None
         if h is None:
             raise OptionError(f"{self.who}: load_state_dict takes what state_dict() returned (model, optimizer, hist)")
-        mine = (self.kind, self.sync.size, self.cfg.subnets if self.kind == "ist" else None, len(self.switches))
+        mine = (self.kind, self.sync.size, self.sync.subnets if self.kind == "ist" else None, len(self.switches))
         saved = (h["kind"], h["world_size"], h["subnets"], h["blocks"])
         if mine != saved:
             raise OptionError(
@@ -485,14 +562,18 @@ class _Rounds:
                 f"{saved[3]} blocks; this run is {mine[0]} at {mine[1]}, {mine[2]}, {mine[3]}"
             )
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("optimizer") is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.method.load_state_dict(h["method"] or {})
         if self.scaler is not None and h.get("scaler"):
             self.scaler.load_state_dict(h["scaler"][self.sync.rank])
         self.step, self.round = h["step"], h["round"]
-        self.method.begin_round(self.round)
-        self.round_end = h["round_end"]
-        self._fresh, self._cut = True, False
+        self._fresh, self._cut, self._full_end = True, False, False
+        if self.defers:
+            self._pending = True
+        else:
+            self._begin()
+            self.round_end = h["round_end"]
         self._trained_plan = getattr(self.method, "plan", None)
 
     # ------------------------------------------------------------ the end
@@ -618,3 +699,30 @@ class LocalSGD(_Rounds):
             block_transport="auto",
             sync=sync,
         )
+
+
+class Training(_Rounds):
+    """hist-train's session: any of hist's methods by name (`cfg.method`: ist, local-sgd, dp) on
+    hist's own ResNet, the options read from the run's `Config`, and three things a loop that
+    owns its schedule supplies: every round's first step fixed ahead (`round_starts`, so qsr reads
+    the rate each step will have), the decision at a round's last step before anything is
+    aggregated (`on_round_end`, returning a `RoundEndChoice`), and the clock that times the
+    gradient and round synchronisations as sync. Each round begins when the loop calls
+    `begin_round()`."""
+
+    who = "hist-train"
+    defers = True
+
+    def __init__(self, model, optimizer, cfg, sync, *, round_starts, on_round_end, clock, scaler=None,
+                 warm_rounds: int = 0):  # fmt: skip
+        self.kind = cfg.method
+        modules = model.partitioned_blocks()
+        names = {id(m): n for n, m in model.named_modules()}
+        trained = [p for group in optimizer.param_groups for p in group["params"]]
+        self._build(model, modules, names, trained, optimizer, cfg, sync, scaler, warm_rounds,
+                    round_starts=list(round_starts), on_round_end=on_round_end, clock=clock)  # fmt: skip
+        self._pending = True
+
+    def _sync_buffers(self, plan) -> None:
+        """Nothing: hist-train never reads BatchNorm's running statistics (training normalises by
+        batch; each evaluation recomputes them for the full model, or normalises by batch)."""

@@ -1,6 +1,7 @@
 """The engine: the round loop, one step, evaluation, the learning-rate schedule, stop signals."""
 
-from .evaluation import evaluate, recalibrate_batchnorm
+from ..models import recalibrate_batchnorm
+from .evaluation import evaluate
 from .loop import Result, RoundStats, train
 from .schedule import lr_at, lr_scaling, peak_lr
 from .signals import STOP_SIGNALS, StopFlag

@@ -8,22 +8,7 @@ import torch.nn.functional as F
 
 from ..comm import Synchroniser
 from ..data import DeviceLoader
-
-
-@torch.no_grad()
-def recalibrate_batchnorm(model: torch.nn.Module, batches) -> None:
-    """Recompute BatchNorm statistics for the full model: running statistics gathered by
-    subnetworks describe shallower networks, so they are not kept or communicated at all."""
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    saved = [m.momentum for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average over the calibration batches
-    model.train()
-    for x, _ in batches:
-        model(x)
-    for m, mom in zip(bns, saved):
-        m.momentum = mom
+from ..models import recalibrate_batchnorm
 
 
 @torch.no_grad()

@@ -1,9 +1,11 @@
 """The round loop: one optimisation step at a time, in rounds (`rounds.round_starts`).
 
-A method (built by the caller) decides what a round trains and how it is synchronised; the
-loop times data, compute and synchronisation, evaluates the global model, asks for
-checkpoints, agrees with the other ranks on stops, divergence and failed writes, and hands
-each round's figures to a recorder. It knows neither HDF5 nor a method's internals.
+The loop is a client of the public API's session (`api.Training`, the machinery of `hist.IST`):
+the session's optimizer hooks synchronise gradients and end each round at its last step through
+the method the options name. The loop times data, compute and synchronisation, decides at each
+round's end (agreeing with the other ranks on stops and divergence) whether every rank needs the
+whole model, evaluates it, asks for checkpoints, agrees on failed writes, and hands each round's
+figures to its observers. It knows neither HDF5 nor a method's internals.
 """
 
 from __future__ import annotations
@@ -14,11 +16,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..api import RoundEndChoice, Training
 from ..comm import Synchroniser
 from ..config import Config
 from ..data import DeviceLoader
 from ..errors import CollectiveError, HistError
-from ..methods import Method
 from ..models import PreActResNet
 from .clock import PhaseClock
 from .evaluation import evaluate
@@ -148,12 +150,13 @@ def round_observers(writer: GuardedWriter, totals: dict, progress) -> list:
 
 
 class Run:
-    """A run's rounds, one phase to a method: train a round's steps, agree on its end, aggregate,
-    report, then evaluate, probe and checkpoint as the options ask."""
+    """A run's rounds, one phase to a function: train a round's steps (the session ends the round
+    at its last step, after `round_end` decided), report, then evaluate, probe and checkpoint as
+    the options ask."""
 
-    def __init__(self, cfg, model, method, sync, train_data, test_data, peak, recorder, save_checkpoint, log,
-                 stop, identity, progress):  # fmt: skip
-        self.cfg, self.model, self.method, self.sync = cfg, model, method, sync
+    def __init__(self, cfg, model, optimizer, sync, train_data, test_data, peak, recorder, save_checkpoint, log,
+                 stop, identity, progress, warm_rounds=0):  # fmt: skip
+        self.cfg, self.model, self.sync = cfg, model, sync
         self.train_data, self.test_data, self.peak = train_data, test_data, peak
         self.save_checkpoint, self.log, self.identity = save_checkpoint, log, identity
         self.device = next(model.parameters()).device
@@ -163,7 +166,12 @@ class Run:
         self.total_steps, self.n_rounds = self.starts[-1], len(self.starts) - 1
         self.precision = Precision(cfg.precision, self.device)
         self.clock = PhaseClock(self.device)
-        self.step = TrainStep(model, method, self.precision, self.clock)
+        self.session = Training(model, optimizer, cfg, sync, round_starts=self.starts, on_round_end=self.round_end,
+                                clock=self.clock, scaler=self.precision.scaler, warm_rounds=warm_rounds)  # fmt: skip
+        self.step = TrainStep(model, self.session, self.precision, self.clock)
+        self.stats = RoundStats()  # the round being trained
+        self.agreed: RoundEnd | None = None  # what the ranks agreed at its end
+        self.due_now: dict = {}  # what its end must do besides aggregating
         self.writer = GuardedWriter(recorder)
         self.result = Result(self.n_rounds, None, None, 0.0)
         watched = recorder is not None or progress is not None
@@ -177,14 +185,8 @@ class Run:
         """The round to start from: a checkpoint's, or 0 with every rank holding rank 0's model.
         The run's clock starts here, carrying on from a checkpoint's wall time."""
         start_round, wall_before = 0, 0.0
-        if resume_state is None:
-            self.sync.broadcast_model(self.model)
-        else:
-            self.model.load_state_dict(resume_state["model"])
-            if resume_state.get("optimizer") is not None:
-                self.method.optimizer.load_state_dict(resume_state["optimizer"])
-            self.method.load_state_dict(resume_state.get("method") or {})
-            self.precision.load_state(resume_state.get("precision"), self.sync.rank)
+        if resume_state is not None:  # (every rank already holds rank 0's model: the session's start)
+            self.session.load_state_dict(resume_state)
             start_round, wall_before = resume_state["round"], resume_state["wall_s"]
             self.log(f"resuming from the checkpoint at round {start_round}")
         self.t0 = time.perf_counter() - wall_before
@@ -196,19 +198,29 @@ class Run:
             # BatchNorm calibration batches are made afresh each time (at 224 pixels, keeping
             # them would hold bn_batches full batches on the device for the whole run).
             calibration = self.train_data.calibration_batches(cfg.bn_batches)
-            scale = self.method.eval_scale() if cfg.test_scale == "auto" else 1.0
-            return evaluate(self.model, self.test_data, calibration, self.sync, scale, cfg.eval_batch_size, cfg.eval_bn)
+            with self.session.full_model():
+                return evaluate(self.model, self.test_data, calibration, self.sync, self.session.eval_scale,
+                                cfg.eval_batch_size, cfg.eval_bn)  # fmt: skip
 
-    def train_round(self, r: int, stats: RoundStats) -> None:
-        """Round r's steps; the mean loss is read once a round, not once a step."""
-        first, last = self.starts[r], self.starts[r + 1]
-        loss_sum = torch.zeros((), device=self.device)
-        for step in range(first, last):
+    def train_round(self, r: int) -> None:
+        """Round r's steps; its last one ends the round in the session (after `round_end`)."""
+        for step in range(self.starts[r], self.starts[r + 1]):
             x, y = self.train_data.batch(step)
             self.clock.lap("data")
             self.step.set_lr(lr_at(step, self.total_steps, self.steps_per_epoch, self.cfg, self.peak))
-            loss_sum += self.step(x, y).float()
-        stats.loss = loss_sum.item() / (last - first)
+            self.step(x, y)
+
+    def round_end(self, r: int) -> RoundEndChoice:
+        """At round r's last step, before anything is aggregated: the mean loss (read once a
+        round, not once a step), the ranks' agreement on a stop or a diverged loss (raised here,
+        so nothing of the round is kept), and whether the end must give every rank the whole model."""
+        self.stats.loss = self.step.take_loss() / (self.starts[r + 1] - self.starts[r])
+        end = self.agreed = RoundEnd.agree(self.sync, self.stop.raised, self.stats.loss, self.clock.read())
+        if end.diverged:
+            raise self.diverged(r, end.diverged)
+        due = self.due_now = self.due(r, end.stop)
+        full = due["evaluate"] or due["checkpoint"] or due["probe"]
+        return RoundEndChoice(full, due["stop_only"], end.data_s, end.compute_s)
 
     def due(self, r: int, stop: bool) -> dict:
         """What round r's end must do besides aggregating: evaluate, checkpoint, probe the noise."""
@@ -239,7 +251,7 @@ class Run:
         steps = self.starts[r + 1] - self.starts[r]
         per_rank = {k: [getattr(s, k) for s in gathered] for k in RoundStats.__dataclass_fields__}
         rep = RoundReport(r, steps, self.starts[r + 1] / self.steps_per_epoch, wall, round_s, per_rank, self.step.lr,
-                          self.method.blocks_per_subnet(), steps * self.cfg.batch_size * self.sync.size)  # fmt: skip
+                          self.session.blocks_per_subnet, steps * self.cfg.batch_size * self.sync.size)  # fmt: skip
         for observe in self.observers:
             observe(rep)
 
@@ -247,7 +259,8 @@ class Run:
         """The gradient noise scale's two norms, on the global model (not timed in the round)."""
         k = (r + 1) // self.cfg.noise_every
         x, y = next(iter(self.train_data.calibration_batches(1, first=k * self.sync.size + self.sync.rank)))
-        probe = probe_noise(self.model, x, y, self.method.eval_scale(), self.sync)
+        with self.session.full_model():
+            probe = probe_noise(self.model, x, y, self.session.eval_scale, self.sync)
         epoch = self.starts[r + 1] / self.steps_per_epoch
         self.writer.add_noise(r, epoch, probe.small_batch, probe.big_batch, probe.small_sq, probe.big_sq)
 
@@ -262,23 +275,14 @@ class Run:
         )
 
     def checkpoint(self, r: int, now: bool) -> None:
-        scaler_states = self.precision.gather_state(self.sync) if now else None  # collective
-        method_state = self.method.state_dict() if now else None  # collective: per-rank residuals
-        if now and self.save_checkpoint is not None:
-            method = self.method
-            self.writer.guard(
-                self.save_checkpoint,
-                {
-                    "model": self.model.state_dict(),
-                    "optimizer": method.optimizer.state_dict() if method.keeps_optimizer_state else None,
-                    "method": method_state,
-                    "precision": scaler_states,
-                    "round": r + 1,
-                    "wall_s": self.elapsed(),
-                    "identity": self.identity,
-                    "config": self.cfg.as_dict(),
-                },
-            )
+        """The session's state (collective: every rank's scaler and residuals are gathered), with
+        the run's own: the round to resume at, the wall time so far, what must match to resume."""
+        if not now:
+            return
+        state = self.session.state_dict()
+        if self.save_checkpoint is not None:
+            run = {"round": r + 1, "wall_s": self.elapsed(), "identity": self.identity, "config": self.cfg.as_dict()}
+            self.writer.guard(self.save_checkpoint, {**state, **run})
 
     def diverged(self, r: int, ranks: list[int]) -> CollectiveError:
         self.writer.finish("diverged", self.elapsed())
@@ -291,26 +295,19 @@ class Run:
         )
 
     def run(self, start_round: int) -> Result:
-        result, clock, sync, method = self.result, self.clock, self.sync, self.method
+        result, clock, sync = self.result, self.clock, self.sync
         if start_round >= self.n_rounds:  # resuming a run that had finished: report its model again
             result.final_loss, result.final_accuracy, result.final_top5 = self.evaluate_model()
             self.log(f"the checkpoint is already at the last round ({self.n_rounds}); nothing left to train")
         last_wall = self.elapsed()
         for r in range(start_round, self.n_rounds):
-            stats = RoundStats()
+            stats = self.stats = RoundStats()
             sync.traffic.take()  # the round's byte count starts at zero
             clock.start()
-            method.begin_round(r)
+            self.session.begin_round()  # its plan and subnetwork (timed as sync)
             clock.lap("sync")
-            self.train_round(r, stats)
-            end = RoundEnd.agree(sync, self.stop.raised, stats.loss, clock.read())
-            method.observe_round(self.starts[r + 1] - self.starts[r], end.data_s, end.compute_s)
-            if end.diverged:
-                raise self.diverged(r, end.diverged)
-            due = self.due(r, end.stop)
-            full = due["evaluate"] or due["checkpoint"] or due["probe"]
-            method.end_round(r, full=full, stop_only=due["stop_only"])
-            clock.lap("sync")
+            self.train_round(r)  # ...and its end: `round_end`, then the aggregation (timed as sync)
+            end, due = self.agreed, self.due_now
             phases = clock.read()
             stats.data_s, stats.compute_s, stats.sync_s = (phases.get(k, 0.0) for k in ("data", "compute", "sync"))
             stats.bytes_sent, stats.bytes_received = (int(v) for v in sync.traffic.take())
@@ -340,7 +337,7 @@ class Run:
 def train(
     cfg: Config,
     model: PreActResNet,
-    method: Method,
+    optimizer: torch.optim.Optimizer,
     sync: Synchroniser,
     train_data: DeviceLoader,
     test_data: DeviceLoader,
@@ -352,13 +349,18 @@ def train(
     resume_state: dict | None = None,
     identity: dict | None = None,
     progress=None,
+    warm_rounds: int = 0,
 ) -> Result:
     """Run rounds until the epochs are done or a stop is requested; returns the final figures.
 
     `recorder` (rank 0 only) receives add_round/add_eval/finish, `save_checkpoint` (rank 0
     only) a checkpoint's state, `progress` (rank 0 only, `engine.progress.Progress`) each
-    round's figures for the log; all None elsewhere.
+    round's figures for the log; all None elsewhere. `warm_rounds`: rounds of local SGD before
+    IST starts (--warmup-local-sgd-epochs).
     """
-    run = Run(cfg, model, method, sync, train_data, test_data, peak, recorder, save_checkpoint, log, stop, identity,
-              progress)  # fmt: skip
-    return run.run(run.begin(resume_state))
+    run = Run(cfg, model, optimizer, sync, train_data, test_data, peak, recorder, save_checkpoint, log, stop, identity,
+              progress, warm_rounds)  # fmt: skip
+    try:
+        return run.run(run.begin(resume_state))
+    finally:
+        run.session.close()

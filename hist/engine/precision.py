@@ -79,9 +79,9 @@ class Precision:
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
-    def step(self, optimizer, method=None) -> None:
-        """The optimizer step through `method.step` (which knows Horovod's skip_synchronize);
-        without a method, a plain step on this rank's own gradients (timing a step alone).
+    def step(self, optimizer, step_through=None) -> None:
+        """The optimizer step through `step_through(step_fn)` (the session's, which knows Horovod's
+        skip_synchronize); without it, a plain step on this rank's own gradients (timing a step alone).
 
         With fp16, ranks that average their gradients need no agreement of their own on
         skipping a step: the scaler decides on the averaged gradients, which are the same on
@@ -89,7 +89,7 @@ class Precision:
         NaN survives the average). No host read or allreduce is added for it: a skip is the
         scale falling in `update()`, compared on the device (`get_scale()` is a host read).
         """
-        step = method.step if method is not None else (lambda step_fn: step_fn(optimizer))
+        step = step_through if step_through is not None else (lambda step_fn: step_fn(optimizer))
         if self.scaler is None:
             step(lambda opt: opt.step())
             return

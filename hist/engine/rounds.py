@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 
 from ..config import Config
+from ..methods.rounds import length_of_round
 from .schedule import lr_at
 
 # post-local's switch: the step schedule's first drop, at this fraction of the run
@@ -25,19 +26,6 @@ POST_LOCAL_SWITCH = 0.5
 def total_steps(cfg: Config, steps_per_epoch: int) -> int:
     """Steps of one rank in the whole run (at least one)."""
     return max(1, math.ceil(cfg.epochs * steps_per_epoch))
-
-
-def length_of_round(
-    schedule: str, step: int, local_iters: int, lr: float | None = None, qsr_alpha: float = 0.1, switch: int = 0
-) -> int:
-    """Steps of the round that starts at `step` under `schedule`, from what the round's start
-    knows: its learning rate (qsr) and post-local's switch step. Pure: hist-train's schedule
-    below and hist.IST (the optimizer's rate) both read it."""
-    if schedule == "post-local":
-        return 1 if step < switch else local_iters
-    if schedule == "qsr":
-        return max(local_iters, math.floor((qsr_alpha / lr) ** 2 + 1e-9))  # not 399 for 0.2/0.01
-    return local_iters
 
 
 def round_length(step: int, total: int, steps_per_epoch: int, cfg: Config, peak: float) -> int:

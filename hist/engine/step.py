@@ -9,19 +9,29 @@ from __future__ import annotations
 
 import torch
 
-from ..methods import Method
+from ..api import Training
+from ..config import Config
+from ..methods import build_optimizer
 from .clock import PhaseClock
 from .precision import Precision
 
 
 class TrainStep:
-    """Forward and loss under the precision's autocast, backward, the method's gradient
-    synchronisation (timed as sync) and the optimizer step through the method."""
+    """Forward and loss under the precision's autocast, backward, and the optimizer step through
+    the session (`api.Training`), whose hooks synchronise the gradients (timed as sync) and end
+    a round at its last step. The loss is added to the round's sum before the step, so the
+    round's end can read it."""
 
-    def __init__(self, model: torch.nn.Module, method: Method, precision: Precision, clock: PhaseClock):
-        self.model, self.method, self.precision, self.clock = model, method, precision, clock
-        self.optimizer = method.optimizer
+    def __init__(self, model: torch.nn.Module, session: Training, precision: Precision, clock: PhaseClock):
+        self.model, self.session, self.precision, self.clock = model, session, precision, clock
+        self.optimizer = session.optimizer
         self.lr: float | None = None
+        self.loss_sum = torch.zeros((), device=next(model.parameters()).device)
+
+    def take_loss(self) -> float:
+        """The losses summed since the last call (one host read), and a fresh sum."""
+        total, self.loss_sum = self.loss_sum.item(), torch.zeros_like(self.loss_sum)
+        return total
 
     def set_lr(self, lr: float) -> None:
         """The schedule's rate for the next step (kept for the round's record)."""
@@ -38,9 +48,16 @@ class TrainStep:
         with self.precision.autocast():
             loss = torch.nn.functional.cross_entropy(self.model(x), y)
         self.precision.backward(loss)
-        self.clock.lap("compute")
-        self.method.after_backward()
-        self.clock.lap("sync")
-        self.precision.step(self.optimizer, self.method)
+        self.loss_sum += loss.detach().float()
+        self.precision.step(self.optimizer, self.session.optimizer_step)
         self.clock.lap("compute")
         return loss.detach()
+
+
+def one_round_step(cfg: Config, model: torch.nn.Module, sync, lr: float, precision: Precision, clock: PhaseClock):
+    """The step hist-train takes, in a session whose one round never ends (timing a step alone:
+    hist-bench, the ResIST side-by-side), its plan that of round 0."""
+    session = Training(model, build_optimizer(cfg, model, lr), cfg, sync, round_starts=[0, 2**62],
+                       on_round_end=None, clock=clock, scaler=precision.scaler)  # fmt: skip
+    session.begin_round()
+    return TrainStep(model, session, precision, clock)

@@ -66,6 +66,12 @@ def load(path: Path, identity: dict) -> dict:
             f"checkpoint {path} is not a hist-train checkpoint (no model/round/identity); "
             f"pass the file hist-train wrote, or delete it to start afresh"
         )
+    if not isinstance(state.get("hist"), dict):  # the training state of hist.IST's session
+        raise HistError(
+            f"checkpoint {path} was written by a hist-train older than its rebuild on hist.IST's "
+            f"session (no training state under 'hist'); finish that run with the hist that wrote it, "
+            f"or delete the checkpoint to start afresh"
+        )
     for key in identity:  # the caller's: the options its config declares part of a run's identity
         if state["identity"].get(key) != identity.get(key):
             raise HistError(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from ..choices import METHODS
-from ..comm import Synchroniser
 from ..config import Config
 from ..models import PreActResNet
 from .base import Averaging, Method, momentum_buffers
@@ -16,12 +15,9 @@ METHOD_CLASSES = {"ist": IST, "local-sgd": LocalSGD, "dp": DataParallel}
 assert tuple(METHOD_CLASSES) == METHODS
 
 
-def build_method(cfg: Config, model: PreActResNet, sync: Synchroniser, peak_lr: float, warm_rounds: int = 0) -> Method:
-    """The method of this run with its optimizer: one process always trains the full model.
-    `warm_rounds`: rounds of local SGD before IST starts (--warmup-local-sgd-epochs)."""
-    optimizer = SGD(model.parameters(), lr=peak_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    cls = METHOD_CLASSES[cfg.method] if sync.size > 1 else Method
-    return cls(model, sync, cfg, optimizer, warm_rounds)
+def build_optimizer(cfg: Config, model: PreActResNet, peak_lr: float) -> SGD:
+    """hist-train's optimizer: SGD with the run's momentum and weight decay, at the peak rate."""
+    return SGD(model.parameters(), lr=peak_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
 __all__ = [
@@ -31,7 +27,7 @@ __all__ = [
     "LocalSGD",
     "METHOD_CLASSES",
     "Method",
-    "build_method",
+    "build_optimizer",
     "momentum_buffers",
     "skip_dynamo_wrappers",
 ]

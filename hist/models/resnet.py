@@ -170,6 +170,10 @@ class PreActResNet(nn.Module):
             block.active = i in chosen
             block.scale = 1.0
 
+    def inactive_params(self) -> list[torch.Tensor]:
+        """The parameters of the partitioned blocks switched off (they get no gradient)."""
+        return [p for b in self.partitioned_blocks() if not b.active for p in b.parameters()]
+
     def set_full(self, scale: float = 1.0) -> None:
         """All blocks on; partitioned residual branches scaled by `scale` (test-time IST model)."""
         for block in self.partitioned_blocks():
