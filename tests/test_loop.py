@@ -9,7 +9,7 @@ import torch
 from hist import data as datasets
 from hist.comm import connect
 from hist.config import Config
-from hist.engine import StopFlag, train
+from hist.engine import StopFlag
 from hist.engine.loop import Run
 from hist.errors import CollectiveError
 from hist.methods import build_optimizer
