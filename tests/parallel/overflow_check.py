@@ -48,7 +48,7 @@ if sync.rank == 1:  # an overflow in this rank's backward pass: the other ranks'
     next(p for p in model.parameters() if p.grad is not None).grad.view(-1)[0] = float("inf")
 method.after_backward()
 scale = precision.scaler.get_scale()
-precision.step(method.optimizer, method)
+precision.step(method.optimizer, method.step)
 
 with_rank1 = sync.rank < 2  # ist: subnetwork 0 is ranks 0 and 1; dp: both ranks
 after = flat()
