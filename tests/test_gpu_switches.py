@@ -25,7 +25,7 @@ def test_bf16_autocast_runs_the_convolutions_in_bf16_and_keeps_fp32_weights():
     assert model.conv1.weight.dtype == torch.float32 and model.conv1.weight.grad.dtype == torch.float32
 
 
-def test_fp16_scaler_skips_an_overflowing_step_and_its_state_round_trips():
+def test_fp16_scaler_skips_an_overflowing_step():
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -37,15 +37,6 @@ def test_fp16_scaler_skips_an_overflowing_step_and_its_state_round_trips():
     model.weight.grad[0, 0] = float("inf")
     amp.step(opt)  # one process: its own gradients, no agreement
     assert torch.equal(model.weight, before) and amp.skipped == 1 and amp.scaler.get_scale() == 2.0**15
-
-    class One:  # gather_state's collective, for one rank
-        def allgather(self, obj):
-            return [obj]
-
-    states = amp.gather_state(One())
-    again = Precision("fp16", torch.device("cpu"))
-    again.load_state(states, 0)
-    assert again.scaler.state_dict() == amp.scaler.state_dict()
 
 
 def test_fp16_step_reads_nothing_back_to_the_host(monkeypatch):

@@ -97,14 +97,3 @@ class Precision:
         step(self.scaler.step)
         self.scaler.update()
         self._skips += self.scaler._get_scale_async() < before
-
-    def gather_state(self, sync) -> list[dict] | None:
-        """Every rank's scaler state (they differ between subnetworks), for the checkpoint.
-        Collective: every rank calls it."""
-        if self.scaler is None:
-            return None
-        return sync.allgather(self.scaler.state_dict())
-
-    def load_state(self, states: list[dict] | None, rank: int) -> None:
-        if self.scaler is not None and states:
-            self.scaler.load_state_dict(states[rank])

@@ -70,9 +70,6 @@ def optimizer_state(optimizer, params) -> list[torch.Tensor]:
 class Method:
     """What a round trains and how it is synchronised. The loop calls only these hooks."""
 
-    # Whether the optimizer state in a checkpoint is the same on every rank (then it is saved).
-    keeps_optimizer_state = True
-
     def __init__(self, model: PreActResNet, sync: Synchroniser, cfg: Config, optimizer, warm_rounds: int = 0):
         self.model, self.sync, self.cfg, self.optimizer = model, sync, cfg, optimizer
         self.shared, self.blocks = shared_and_partitioned(model)
@@ -139,7 +136,6 @@ class Averaging(Method):
         cfg = self.cfg
         self.params = list(self.model.parameters())
         self.average_state = cfg.optimizer_state == "average" and has_optimizer_state(self.optimizer)
-        self.keeps_optimizer_state = self.average_state
         self.outer = cfg.outer_lr != 1.0 or cfg.outer_momentum > 0
         self.outer_buffers = {p: torch.zeros_like(p) for p in self.params} if cfg.outer_momentum > 0 else {}
         self.starts: dict[torch.Tensor, torch.Tensor] = {}
