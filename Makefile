@@ -27,7 +27,7 @@ DEMO_ARGS ?= --arch preact_resnet101 --width 0.0625 --epochs 10 --batch-size 16 
 	--bn-batches 64 --synthetic-size 1024 --synthetic-test-size 2048 --eval-every-epochs 1 --threads 1 --seed $(DEMO_SEED)
 DEMO_RUNS := $(DEMO_DIR)/single-np1.h5 $(DEMO_DIR)/ist-full-np2.h5 $(DEMO_DIR)/ist-shard-np2.h5
 
-.PHONY: setup demo test lint format clean
+.PHONY: setup demo test quick lint format clean
 setup:
 	@bash tools/bootstrap.sh
 
@@ -39,11 +39,22 @@ demo: setup
 	PATH=$(BIN):$$PATH $(BIN)/horovodrun -np 2 $(BIN)/hist-train synthetic --method ist --data-split shard $(DEMO_ARGS) --out $(DEMO_DIR)/ist-shard-np2.h5
 	$(BIN)/hist-report $(DEMO_RUNS) -o $(DEMO_DIR)/report
 
+# The suite in two parts. The tests of one process (most of them, each on one thread) run two at
+# a time, one to a core (pytest-xdist); then the tests that launch ranks (marked multiprocess,
+# multinode, slurm, or slow) run in turn, so that each job has the cores it was written for.
+# Exit 5 is pytest's "nothing selected" (a PYTEST_ARGS that picks from one part only).
+SERIAL := slow or multiprocess or multinode or slurm
+TEST_WORKERS ?= 2
+PYTEST := PATH=$(BIN):$$PATH $(BIN)/python -m pytest tests -q
 test: setup lint
-	PATH=$(BIN):$$PATH $(BIN)/python -m pytest tests -q $(PYTEST_ARGS)
+	$(PYTEST) -n $(TEST_WORKERS) -m "not ($(SERIAL))" $(PYTEST_ARGS) || [ $$? = 5 ]
+	$(PYTEST) -m "$(SERIAL)" $(PYTEST_ARGS) || [ $$? = 5 ]
+
+# The tests of one process only (about a minute): the quick loop.
+quick: setup lint
+	$(PYTEST) -n $(TEST_WORKERS) -m "not ($(SERIAL))" $(PYTEST_ARGS)
 
 # ruff (settings in pyproject.toml) runs before the tests; `make format` rewrites the tree.
-# A quick loop: make test PYTEST_ARGS="-m 'not slow'"
 lint: setup
 	$(BIN)/ruff check hist tests
 	$(BIN)/ruff format --check hist tests

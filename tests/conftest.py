@@ -5,7 +5,14 @@ from pathlib import Path
 
 import pytest
 
+import helpers
 from helpers import sample_dir
+
+
+@pytest.fixture(autouse=True)
+def _markers(request):
+    """The running test's markers, for helpers.check_marked."""
+    helpers.MARKS = {m.name for m in request.node.iter_markers()}
 
 
 @pytest.fixture

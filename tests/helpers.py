@@ -40,8 +40,22 @@ def mpi_env(**extra):
     return env
 
 
+# The markers of the test running now (set by conftest.py). `make test` runs the tests of one
+# process two at a time, then those that launch ranks in turn, so that their ranks have the
+# cores: a test that launches ranks must carry one of SERIAL.
+MARKS: set[str] = set()
+SERIAL = {"multiprocess", "multinode", "slurm"}
+LAUNCHERS = {"mpirun", "torchrun", "horovodrun"}
+
+
+def check_marked(cmd) -> None:
+    if Path(str(cmd[0])).name in LAUNCHERS and not MARKS & SERIAL:
+        raise AssertionError(f"this test launches ranks ({Path(str(cmd[0])).name}): mark it multiprocess")
+
+
 def run(cmd, timeout=600, check=True, **env):
     """Run a command (list), returning the CompletedProcess; fail with its output if it fails."""
+    check_marked(cmd)
     proc = subprocess.run(
         [str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, env=mpi_env(**env), cwd=ROOT
     )
@@ -90,6 +104,7 @@ TINY_RUN = [*TINY_MODEL, *options(batch_size=32, threads=1, synthetic_size=512, 
 def spawn(n, *args, merge_output=False):
     """n ranks in the background, as `mpirun` starts them, in a session of its own (killable as a group)."""
     cmd = [*HOROVOD_MPIRUN, "-np", n, "-H", f"localhost:{n}", *args]
+    check_marked(cmd)
     return subprocess.Popen(
         [str(c) for c in cmd],
         env=mpi_env(),

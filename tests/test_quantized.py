@@ -87,6 +87,7 @@ def parallel(launcher, engine, *specs):
     return torchrun(2, BIN / "python", CHECK, engine, *specs, timeout=300).stdout
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize(
     "launcher,engine,specs",
     [
@@ -122,6 +123,8 @@ def load(path):
     return torch.load(path.with_suffix(".ckpt.pt"), map_location="cpu", weights_only=True)
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "launcher,extra",
     [

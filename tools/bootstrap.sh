@@ -159,7 +159,7 @@ create_venv() {
   [ -x "$venv/bin/python" ] || { say "creating $venv"; "$python" -m venv "$venv"; }
   "$venv/bin/pip" install -q --upgrade pip wheel setuptools
   # torch pinned: here it resolves to the local CPU wheel; an unpinned torch pulls CUDA builds.
-  "$venv/bin/pip" install -q "torch==$torch_version" numpy h5py click matplotlib scipy pytest ruff \
+  "$venv/bin/pip" install -q "torch==$torch_version" numpy h5py click matplotlib scipy pytest pytest-xdist ruff \
     cloudpickle psutil pyyaml packaging cffi tensorboard
   # mpi4py compiled against the system Open MPI (the one Horovod and mpirun use).
   "$venv/bin/python" -c "import mpi4py" 2>/dev/null || \
