@@ -116,3 +116,22 @@ def test_only_the_communication_floor_imports_horovod_mpi4py_or_torch_distribute
 
 def test_every_part_of_hist_is_placed():
     assert {part_of(p) for p in HIST.rglob("*.py")} == set(ALLOWED)
+
+
+def test_a_test_that_launches_ranks_unmarked_is_stopped():
+    """`make test` runs the tests of one process two at a time: one that starts ranks must be
+    marked (helpers.check_marked), or it would share the cores it was written to have."""
+    import pytest
+
+    import helpers
+
+    saved = helpers.MARKS
+    try:
+        helpers.MARKS = set()
+        with pytest.raises(AssertionError, match="launches ranks .*mark it multiprocess"):
+            helpers.check_marked(["/usr/bin/mpirun", "-np", "2"])
+        helpers.check_marked(["hist-report", "x.h5"])  # one process: no marker needed
+        helpers.MARKS = {"multiprocess"}
+        helpers.check_marked(["torchrun", "--nproc-per-node", "2"])
+    finally:
+        helpers.MARKS = saved
