@@ -12,6 +12,7 @@ Averages are sums scaled by 1/N, as Horovod's are, so two ranks agree with Horov
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -149,6 +150,9 @@ class TorchSynchroniser:
             if not dist.is_initialized():
                 dist.init_process_group("gloo", timeout=TIMEOUT)
             self.block_transport = "host"
+            # A script that ends without close() still tears Gloo down while the interpreter
+            # lives. (Not NCCL: its teardown can wait on a collective that a failed peer left.)
+            atexit.register(self._tear_down)
         if dist.get_world_size() != self.size:
             raise HistError(
                 f"the launcher started {self.size} processes but torch.distributed sees "
@@ -356,11 +360,18 @@ class TorchSynchroniser:
         return bool(self.sum_over_world([float(bool(flag))])[0]) if self.size > 1 else bool(flag)
 
     def close(self) -> None:
-        """Every rank past its last collective, then the process group torn down: Gloo's threads
-        left to the interpreter's exit can abort a rank that finished ("terminate called
-        without an active exception")."""
+        """Every rank past its last collective, then the process groups torn down."""
         if dist.is_initialized():
             dist.barrier()
+        self._tear_down()
+
+    def _tear_down(self) -> None:
+        """Every process group destroyed now, with the interpreter whole, and none left alive
+        by a reference here: Gloo's worker threads left to the interpreter's finalisation abort
+        a rank that finished ("terminate called without an active exception"). No collective,
+        so a rank whose peers are gone still gets out."""
+        self.subnet_set = None
+        if dist.is_initialized():
             dist.destroy_process_group()
 
     def gather(self, obj):
