@@ -42,13 +42,14 @@ demo: setup
 # The suite in two parts. The tests of one process (most of them, each on one thread) run two at
 # a time, one to a core (pytest-xdist); then the tests that launch ranks (marked multiprocess,
 # multinode, slurm, or slow) run in turn, so that each job has the cores it was written for.
-# Exit 5 is pytest's "nothing selected" (a PYTEST_ARGS that picks from one part only).
+# The second part names its 12 slowest tests: where the 15 minutes go. Exit 5 is pytest's
+# "nothing selected" (a PYTEST_ARGS that picks from one part only).
 SERIAL := slow or multiprocess or multinode or slurm
 TEST_WORKERS ?= 2
 PYTEST := PATH=$(BIN):$$PATH $(BIN)/python -m pytest tests -q
 test: setup lint
 	$(PYTEST) -n $(TEST_WORKERS) -m "not ($(SERIAL))" $(PYTEST_ARGS) || [ $$? = 5 ]
-	$(PYTEST) -m "$(SERIAL)" $(PYTEST_ARGS) || [ $$? = 5 ]
+	$(PYTEST) -m "$(SERIAL)" --durations=12 $(PYTEST_ARGS) || [ $$? = 5 ]
 
 # The tests of one process only (about a minute): the quick loop.
 quick: setup lint

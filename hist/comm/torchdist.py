@@ -16,6 +16,7 @@ import atexit
 import contextlib
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -150,8 +151,8 @@ class TorchSynchroniser:
             if not dist.is_initialized():
                 dist.init_process_group("gloo", timeout=TIMEOUT)
             self.block_transport = "host"
-            # A script that ends without close() still tears Gloo down while the interpreter
-            # lives. (Not NCCL: its teardown can wait on a collective that a failed peer left.)
+            # A script that ends without close() still tears Gloo down before the interpreter
+            # finalises. (Not NCCL: its teardown can wait on a collective a failed peer left.)
             atexit.register(self._tear_down)
         if dist.get_world_size() != self.size:
             raise HistError(
@@ -366,13 +367,15 @@ class TorchSynchroniser:
         self._tear_down()
 
     def _tear_down(self) -> None:
-        """Every process group destroyed now, with the interpreter whole, and none left alive
-        by a reference here: Gloo's worker threads left to the interpreter's finalisation abort
-        a rank that finished ("terminate called without an active exception"). No collective,
-        so a rank whose peers are gone still gets out."""
+        """The process groups destroyed, then the GIL let go for a moment, with the interpreter
+        still whole. A Gloo worker thread frees a finished collective's tensors under the GIL;
+        if it asks for the GIL while the interpreter finalises, the thread is ended inside C++
+        and the rank aborts ("terminate called without an active exception") after a run that
+        succeeded. No collective here, so a rank whose peers are gone still gets out."""
         self.subnet_set = None
         if dist.is_initialized():
-            dist.destroy_process_group()
+            dist.destroy_process_group()  # the groups live on (torch._dynamo holds them): no join
+        time.sleep(0.01)
 
     def gather(self, obj):
         """Rank 0 gets a list of every rank's `obj`; the others get None."""
